@@ -1,0 +1,163 @@
+"""What the three samplers share: config handling, the inference schedule, timestep lookup."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .config import check_choice, read_config, split_config
+from .schedule import BETA_SCHEDULES, SPACINGS, alphas_cumprod, make_betas, spaced_timesteps
+
+# diffusers' defaults common to DDIM / Euler / Euler-ancestral (used to fill partial config files)
+DIFFUSERS_COMMON = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+}
+# SDXL's training schedule (constructor defaults: ``EulerDiscreteScheduler()`` is SDXL base's)
+SDXL_COMMON = dict(DIFFUSERS_COMMON, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   steps_offset=1, timestep_spacing="leading")
+
+
+class Scheduler:
+    """Base class. Subclasses set ``_defaults`` (constructor), ``_diffusers_defaults`` (from_config),
+    ``_integer_timesteps`` and implement ``_set_schedule``, ``step``, ``scale_model_input``, ``add_noise``."""
+
+    _defaults: dict = SDXL_COMMON
+    _diffusers_defaults: dict = DIFFUSERS_COMMON
+    _integer_timesteps = False
+    _prediction_types = ("epsilon", "v_prediction")
+
+    def __init__(self, **config):
+        name = type(self).__name__
+        opts, self.ignored_config = split_config(config, self._defaults, name)
+        check_choice(name, "prediction_type", opts["prediction_type"], self._prediction_types)
+        check_choice(name, "timestep_spacing", opts["timestep_spacing"], SPACINGS)
+        if opts["trained_betas"] is None:
+            check_choice(name, "beta_schedule", opts["beta_schedule"], BETA_SCHEDULES)
+        T = opts["num_train_timesteps"]
+        if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 2:
+            raise ValueError(f"{name}: num_train_timesteps must be an integer ≥ 2, got {T!r}")
+        if isinstance(opts["steps_offset"], bool) or not isinstance(opts["steps_offset"], numbers.Integral):
+            raise ValueError(f"{name}: steps_offset must be an integer, got {opts['steps_offset']!r}")
+        self.config = {"_class_name": name, **opts}
+        self.betas = make_betas(opts["beta_schedule"], T, opts["beta_start"], opts["beta_end"], opts["trained_betas"])
+        if len(self.betas) != T:
+            raise ValueError(f"{name}: trained_betas has {len(self.betas)} entries, num_train_timesteps is {T}")
+        self.alphas_cumprod = alphas_cumprod(self.betas)  # float32 [T]
+        self.num_inference_steps = None
+        self.timesteps = None  # set by set_timesteps
+        self.sigmas = None
+        self._lookup = None  # timesteps on the CPU in float64, for index lookup
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg, **overrides):
+        """Build from a diffusers scheduler config (dict, ``scheduler_config.json``, or a folder
+        holding one). Keys missing from it take diffusers' defaults for this class, as diffusers does."""
+        merged = dict(cls._diffusers_defaults)
+        merged.update(read_config(cfg))
+        merged.update(overrides)
+        return cls(**merged)
+
+    def __repr__(self):
+        keys = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
+        return f"{type(self).__name__}({keys})"
+
+    # ------------------------------------------------------------ schedule
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Make the n-step inference schedule: ``.timesteps`` (descending, on ``device``) and ``.sigmas``."""
+        n, T = num_inference_steps, self.config["num_train_timesteps"]
+        name = type(self).__name__
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"{name}.set_timesteps: num_inference_steps must be an int, got {n!r}")
+        if not 1 <= n <= T:
+            raise ValueError(f"{name}.set_timesteps: num_inference_steps={n} is out of range; "
+                             f"use 1 ≤ n ≤ num_train_timesteps ({T})")
+        ts = spaced_timesteps(self.config["timestep_spacing"], int(n), T, self.config["steps_offset"],
+                              integer=self._integer_timesteps)
+        if ts.min() < 0 or ts.max() > T - 1:
+            raise ValueError(
+                f"{name}.set_timesteps: timestep_spacing={self.config['timestep_spacing']!r} with "
+                f"steps_offset={self.config['steps_offset']} and n={n} gives timesteps "
+                f"{int(ts.min())}..{int(ts.max())}, outside the trained range 0..{T - 1}; use fewer steps, "
+                f"a smaller steps_offset or 'trailing' spacing")
+        self.num_inference_steps = int(n)
+        timesteps = self._set_schedule(torch.from_numpy(ts.copy()))
+        self._lookup = timesteps.double()  # CPU copy for index lookup (no device sync per step)
+        self.timesteps = timesteps.to(device)
+
+    def _set_schedule(self, ts: torch.Tensor) -> torch.Tensor:
+        """Set ``.sigmas`` from the spaced timesteps ``ts`` (float64); return the CPU timesteps."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ timestep lookup
+    def _require_schedule(self, what: str) -> None:
+        if self.timesteps is None:
+            raise RuntimeError(f"{type(self).__name__}.{what}: call set_timesteps(n) first")
+
+    def _t_values(self, t) -> list[float]:
+        """Timestep(s) as Python floats, in the schedule's precision: int, float, 0-d or 1-d tensor."""
+        if isinstance(t, torch.Tensor):
+            if t.ndim > 1:
+                raise ValueError(f"timestep must be a scalar or a 1-d tensor, got shape {tuple(t.shape)}")
+            vals = t.detach().reshape(-1).cpu()
+            if self.timesteps is not None and self.timesteps.is_floating_point():
+                vals = vals.to(self.timesteps.dtype)
+            return vals.double().tolist()
+        if isinstance(t, numbers.Real) and not isinstance(t, bool):
+            v = float(t)
+            if self.timesteps is not None and self.timesteps.is_floating_point():
+                v = torch.tensor(v, dtype=self.timesteps.dtype).item()  # round to the schedule's dtype
+            return [v]
+        raise TypeError(f"timestep must be a number or a tensor, got {type(t).__name__}")
+
+    def index_for_timestep(self, t) -> int:
+        """Position of the single timestep ``t`` in ``.timesteps`` (found anew on every call)."""
+        self._require_schedule("step")
+        vals = self._t_values(t)
+        if len(vals) != 1:
+            raise ValueError(f"expected one timestep, got {len(vals)}; step() takes the same t for the whole batch")
+        return self._index_of(vals[0])
+
+    def _index_of(self, v: float) -> int:
+        hits = (self._lookup == v).nonzero().flatten()
+        if len(hits) == 0:
+            shown = self._lookup.tolist()
+            shown = shown if len(shown) <= 12 else shown[:6] + ["…"] + shown[-6:]
+            raise ValueError(
+                f"timestep {v:g} is not in this scheduler's schedule (set_timesteps({self.num_inference_steps}) "
+                f"gives {shown}); pass one of scheduler.timesteps")
+        if len(hits) > 1:
+            raise ValueError(f"timestep {v:g} occurs {len(hits)} times in the schedule; its step is ambiguous")
+        return int(hits[0])
+
+    # ------------------------------------------------------------ shared helpers
+    @staticmethod
+    def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """[B] (or [1]) coefficients shaped to broadcast over ``like`` ([B, ...])."""
+        return coef.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    @staticmethod
+    def _draw_noise(model_output: torch.Tensor, generator) -> torch.Tensor:
+        """randn of model_output's shape and dtype, drawn on the generator's device (CPU generator →
+        drawn on the CPU, then moved), exactly as diffusers' ``randn_tensor`` does."""
+        dev = generator.device if generator is not None else model_output.device
+        z = torch.randn(model_output.shape, generator=generator, device=dev, dtype=model_output.dtype)
+        return z.to(model_output.device)
+
+    @staticmethod
+    def _check_noise(noise, generator, model_output):
+        if noise is not None and generator is not None:
+            raise ValueError("pass either noise= or generator=, not both")
+        if noise is not None and noise.shape != model_output.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, model_output {tuple(model_output.shape)}")
+
+    def __len__(self):
+        return self.config["num_train_timesteps"]
