@@ -294,6 +294,28 @@ def test_ancestral_generator_draw_is_documented_randn():
     assert not torch.equal(a, s.step(out, t, x, noise=torch.zeros_like(z)))
 
 
+def test_generator_draws_match_diffusers_randn_tensor():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    out = torch.zeros(3, 4, 8, 8)
+    for make in (lambda: torch.Generator().manual_seed(4), lambda: [torch.Generator().manual_seed(i) for i in range(3)]):
+        ref = randn_tensor(out.shape, generator=make(), device=out.device, dtype=out.dtype)
+        assert torch.equal(S.Scheduler._draw_noise(out, make()), ref)
+
+
+def test_scale_model_input_at_index():
+    """For the reference pipeline's stale scaling: σ by position, index n (σ = 0) leaves x unscaled."""
+    s = EulerDiscreteScheduler()
+    s.set_timesteps(5)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(s.timesteps):
+        assert torch.equal(s.scale_model_input_at(x, i), s.scale_model_input(x, t))
+    assert torch.equal(s.scale_model_input_at(x, 5), x)
+    d = DDIMScheduler()
+    d.set_timesteps(5)
+    assert d.scale_model_input_at(x, 2) is x
+
+
 def test_half_precision_inputs_keep_sample_dtype():
     s = EulerDiscreteScheduler()
     s.set_timesteps(4)
@@ -402,3 +424,7 @@ def test_module_from_config_errors(tmp_path):
         DDIMScheduler(eta=-1)
     with pytest.raises(ValueError, match="not a training timestep"):
         DDIMScheduler().add_noise(torch.zeros(1), torch.zeros(1), 1000)
+    e = EulerDiscreteScheduler()
+    e.set_timesteps(4)
+    with pytest.raises(ValueError, match="got 2 timesteps for a batch of 3"):
+        e.add_noise(torch.zeros(3, 4), torch.zeros(3, 4), e.timesteps[:2])

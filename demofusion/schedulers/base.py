@@ -120,7 +120,7 @@ class Scheduler:
 
     def index_for_timestep(self, t) -> int:
         """Position of the single timestep ``t`` in ``.timesteps`` (found anew on every call)."""
-        self._require_schedule("step")
+        self._require_schedule("index_for_timestep")
         vals = self._t_values(t)
         if len(vals) != 1:
             raise ValueError(f"expected one timestep, got {len(vals)}; step() takes the same t for the whole batch")
@@ -142,15 +142,24 @@ class Scheduler:
     @staticmethod
     def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """[B] (or [1]) coefficients shaped to broadcast over ``like`` ([B, ...])."""
+        if coef.numel() not in (1, like.shape[0]):
+            raise ValueError(f"got {coef.numel()} timesteps for a batch of {like.shape[0]}; "
+                             "pass one timestep, or one per sample")
         return coef.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     @staticmethod
     def _draw_noise(model_output: torch.Tensor, generator) -> torch.Tensor:
         """randn of model_output's shape and dtype, drawn on the generator's device (CPU generator →
-        drawn on the CPU, then moved), exactly as diffusers' ``randn_tensor`` does."""
-        dev = generator.device if generator is not None else model_output.device
-        z = torch.randn(model_output.shape, generator=generator, device=dev, dtype=model_output.dtype)
-        return z.to(model_output.device)
+        drawn on the CPU, then moved), exactly as diffusers' ``randn_tensor`` does; a list of
+        generators draws sample b of the batch from generator b."""
+        shape, dtype, device = model_output.shape, model_output.dtype, model_output.device
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+            z = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+            return torch.cat([zi.to(device) for zi in z])
+        dev = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=dev, dtype=dtype).to(device)
 
     @staticmethod
     def _check_noise(noise, generator, model_output):

@@ -47,6 +47,10 @@ class DDIMScheduler(Scheduler):
         """DDIM feeds the sample unscaled."""
         return sample
 
+    def scale_model_input_at(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
+        """DDIM feeds the sample unscaled."""
+        return sample
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε for any training timestep(s) t (scalar or [B])."""
         T = len(self.alphas_cumprod)

@@ -71,6 +71,12 @@ class _SigmaScheduler(Scheduler):
         sigma = self._per_sample(self.sigma_at(timestep), sample)
         return sample / (sigma**2 + 1) ** 0.5
 
+    def scale_model_input_at(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
+        """x/√(σ²+1) with σ = ``sigmas[step_index]`` (index n: the final σ). For reproducing the
+        reference pipeline's stale input scaling (DESIGN §3 quirk 1)."""
+        self._require_schedule("scale_model_input_at")
+        return sample / (self.sigmas[step_index] ** 2 + 1) ** 0.5
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Forward process in σ form: x_t = x_0 + σ_t·ε; ``timesteps`` scalar or [B]."""
         sigma = self._per_sample(self.sigma_at(timesteps), original_samples)
