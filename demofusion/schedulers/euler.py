@@ -68,8 +68,8 @@ class _SigmaScheduler(Scheduler):
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """Model input c_in·x = x/√(σ²+1); ``timestep`` scalar, or [B] for one per sample."""
-        sigma = self._per_sample(self.sigma_at(timestep), sample)
-        return sample / (sigma**2 + 1) ** 0.5
+        sigma = self.sigma_at(timestep)  # float32: the factor is formed in float32 as in diffusers
+        return sample / self._per_sample((sigma**2 + 1) ** 0.5, sample)
 
     def scale_model_input_at(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
         """x/√(σ²+1) with σ = ``sigmas[step_index]`` (index n: the final σ). For reproducing the
