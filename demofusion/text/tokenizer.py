@@ -156,10 +156,10 @@ class CLIPTokenizer:
         return cls(vocab, read_merges_txt(merges_txt), **kw)
 
     @classmethod
-    def from_folder(cls, folder, pad_token: str | None = None, **kw) -> "CLIPTokenizer":
+    def from_folder(cls, folder, pad_token: str | None = None, default_pad: str = EOT, **kw) -> "CLIPTokenizer":
         """A diffusers ``tokenizer/`` folder (vocab.json, merges.txt, special_tokens_map.json)."""
         folder = Path(folder)
-        pad = pad_token or _pad_token_from_folder(folder) or EOT
+        pad = pad_token or _pad_token_from_folder(folder) or default_pad
         return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad, **kw)
 
     @classmethod
@@ -182,14 +182,19 @@ class CLIPTokenizer:
         return cls(vocab, [], pad_token=pad_token, **kw)
 
     @classmethod
-    def load(cls, path=None, subfolder: str = "tokenizer", pad_token: str | None = None, **kw):
-        """From ``path/subfolder`` or ``path`` if it holds vocab.json, else open_clip's vocab."""
+    def load(cls, path=None, subfolder: str = "tokenizer", pad_token: str | None = None,
+             default_pad: str = EOT, **kw) -> "CLIPTokenizer":
+        """From ``path/subfolder`` or ``path`` if it holds vocab.json, else open_clip's vocab.
+
+        The pad token is ``pad_token`` if given, else the folder's special_tokens_map.json,
+        else ``default_pad`` (SDXL: ``<|endoftext|>`` for tokenizer 1, ``!`` for tokenizer 2).
+        """
         if path is not None:
             p = Path(path)
             for folder in (p / subfolder, p):
                 if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-                    return cls.from_folder(folder, pad_token=pad_token, **kw)
-        return cls.from_open_clip(pad_token=pad_token or EOT, **kw)
+                    return cls.from_folder(folder, pad_token=pad_token, default_pad=default_pad, **kw)
+        return cls.from_open_clip(pad_token=pad_token or default_pad, **kw)
 
     def save(self, folder) -> Path:
         """Write vocab.json, merges.txt and special_tokens_map.json (the diffusers layout)."""

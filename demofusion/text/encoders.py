@@ -1,0 +1,242 @@
+"""Loading SDXL's two text encoders and encoding prompts exactly as SDXL does.
+
+``prompt_embeds = concat(penultimate hidden state of encoder 1, of encoder 2)`` ([B, 77, 2048]),
+``pooled = text_projection(final_layer_norm(encoder 2)[eot])`` ([B, 1280]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from demofusion.weights import (
+    SINGLE_FILE_PREFIXES,
+    WeightsError,
+    build_and_load,
+    is_single_file,
+    read_keys,
+    read_tensors,
+    resolve_component,
+)
+
+from .clip import CLIPTextConfig, CLIPTextModel
+from .convert import from_open_clip, from_transformers, infer_config, is_open_clip_layout
+from .tokenizer import EOT, CLIPTokenizer
+
+SUBFOLDERS = {1: "text_encoder", 2: "text_encoder_2"}
+Prompt = str | Sequence[str]
+
+
+def _read_state_dict(file: Path, encoder: int, allow_pickle: bool) -> tuple[dict, bool]:
+    """Our-named tensors of one encoder from a component file or a single-file checkpoint."""
+    component = SUBFOLDERS[encoder]
+    prefix = SINGLE_FILE_PREFIXES[component]
+    if file.suffix == ".safetensors":
+        keys = read_keys(file)
+        single = is_single_file(keys, component)
+        sd = read_tensors(file, prefix=prefix if single else None)
+    else:
+        sd = read_tensors(file, allow_pickle=allow_pickle)
+        single = is_single_file(sd, component)
+        if single:
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if single and not sd:
+        raise WeightsError(f"{file} has no tensors under {prefix!r}")
+    if not single and any(k.startswith("conditioner.") or k.startswith("model.diffusion_model.") for k in sd):
+        raise WeightsError(
+            f"{file} is a single-file checkpoint without text encoder {encoder} "
+            f"(no keys under {prefix!r})."
+        )
+    return (from_open_clip(sd) if is_open_clip_layout(sd) else from_transformers(sd)), single
+
+
+def load_text_encoder(
+    path,
+    encoder: int = 1,
+    dtype=None,
+    device="cpu",
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    config: CLIPTextConfig | str | None = None,
+) -> CLIPTextModel:
+    """One of SDXL's text encoders (``encoder`` 1: CLIP ViT-L, 2: OpenCLIP bigG).
+
+    ``path``: a diffusers model folder, its ``text_encoder[_2]/`` folder, a component
+    ``.safetensors`` file, or an SGM single-file checkpoint (both encoders inside).
+    """
+    if encoder not in SUBFOLDERS:
+        raise ValueError(f"encoder must be 1 or 2, not {encoder!r}")
+    file, cfg_json = resolve_component(path, SUBFOLDERS[encoder], ["model"], variant, allow_pickle)
+    sd, single = _read_state_dict(file, encoder, allow_pickle)
+    if isinstance(config, str):
+        config = CLIPTextConfig.preset(config)
+    if config is None:
+        if cfg_json is not None and not single and cfg_json.get("model_type", "clip_text_model") == "clip_text_model":
+            config = CLIPTextConfig.from_transformers(cfg_json, with_projection="text_projection.weight" in sd)
+        else:
+            config = infer_config(sd, encoder)
+    what = f"text encoder {encoder} ({file})"
+    return build_and_load(lambda: CLIPTextModel(config), sd, what, dtype=dtype, device=device)
+
+
+def _force_zeros(path) -> bool:
+    p = Path(path)
+    for folder in (p, p.parent) if p.is_dir() else (p.parent,):
+        f = folder / "model_index.json"
+        if f.is_file():
+            return bool(json.loads(f.read_text(encoding="utf-8")).get("force_zeros_for_empty_prompt", True))
+    return True
+
+
+def load_text_encoders(
+    path,
+    dtype=None,
+    device="cpu",
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    tokenizer_path=None,
+    force_zeros_for_empty_prompt: bool | None = None,
+) -> "TextEncoders":
+    """Both tokenizers and encoders of an SDXL model (diffusers folder or single file).
+
+    Tokenizers come from ``tokenizer_path`` (or ``path``)'s ``tokenizer{,_2}/`` folders, else
+    from the CLIP vocabulary open_clip_torch ships (single files carry no tokenizer).
+    ``force_zeros_for_empty_prompt`` defaults to model_index.json's value, else True.
+    """
+    root = Path(path)
+    tok_root = tokenizer_path if tokenizer_path is not None else (root if root.is_dir() else None)
+    tok1 = CLIPTokenizer.load(tok_root, "tokenizer", default_pad=EOT)
+    tok2 = CLIPTokenizer.load(tok_root, "tokenizer_2", default_pad="!")
+    kw = dict(dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle)
+    enc1, enc2 = load_text_encoder(path, 1, **kw), load_text_encoder(path, 2, **kw)
+    if force_zeros_for_empty_prompt is None:
+        force_zeros_for_empty_prompt = _force_zeros(path)
+    return TextEncoders(tok1, enc1, tok2, enc2, force_zeros_for_empty_prompt)
+
+
+def _as_list(prompt: Prompt, what: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    prompt = list(prompt)
+    if not prompt or not all(isinstance(p, str) for p in prompt):
+        raise TypeError(f"{what} must be a str or a non-empty list of str, got {prompt!r}")
+    return prompt
+
+
+def _seeded_init_(module: torch.nn.Module, seed: int) -> None:
+    """Matrices ~ N(0, 1/fan_in), norm gains 1 + 0.1·N, biases 0.1·N (deterministic per seed)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim >= 2:
+                r = r / math.sqrt(p.shape[1])
+            else:
+                r = 1 + 0.1 * r if name.endswith("weight") else 0.1 * r
+            p.copy_(r)
+
+
+class TextEncoders:
+    """SDXL's text conditioning: two tokenizers, two encoders, ``encode(prompt)``."""
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_2: CLIPTextModel,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        if not text_encoder_2.config.projection_dim:
+            raise ValueError("text_encoder_2 must have a text_projection (OpenCLIP bigG's pooled output)")
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+
+    @classmethod
+    def preset(cls, name: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu") -> "TextEncoders":
+        """Random-weight encoders with byte-level tokenizers, built offline (``"tiny"`` only)."""
+        if name != "tiny":
+            raise ValueError(f"unknown text preset {name!r}; only 'tiny' is built offline")
+        enc1, enc2 = CLIPTextModel(CLIPTextConfig.preset("tiny-l")), CLIPTextModel(CLIPTextConfig.preset("tiny-g"))
+        _seeded_init_(enc1, seed)
+        _seeded_init_(enc2, seed + 1)
+        tok1, tok2 = CLIPTokenizer.byte_level(pad_token=EOT), CLIPTokenizer.byte_level(pad_token="!")
+        out = cls(tok1, enc1.eval().requires_grad_(False), tok2, enc2.eval().requires_grad_(False))
+        return out.to(device, dtype)
+
+    # ---- placement ----------------------------------------------------------------------
+    def to(self, device=None, dtype=None) -> "TextEncoders":
+        """Move (and/or cast) both encoders, e.g. ``.to("cpu")`` to offload after encoding."""
+        for enc in (self.text_encoder, self.text_encoder_2):
+            enc.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder_2.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_encoder_2.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.text_encoder_2.config.projection_dim
+
+    # ---- encoding -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompt: Prompt, prompt_2: Prompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds[B, 77, D1+D2], pooled[B, P])``; ``prompt_2`` (encoder 2) defaults to ``prompt``."""
+        p1 = _as_list(prompt, "prompt")
+        p2 = _as_list(prompt_2, "prompt_2") if prompt_2 else p1
+        if len(p2) != len(p1):
+            raise ValueError(f"prompt has {len(p1)} entries but prompt_2 has {len(p2)}; give as many of each")
+        states = []
+        for tok, enc, texts in ((self.tokenizer, self.text_encoder, p1), (self.tokenizer_2, self.text_encoder_2, p2)):
+            out = enc(tok(texts).to(enc.device))
+            states.append(out.hidden_states[-2])  # penultimate layer, before final_layer_norm
+        embeds = torch.cat([s.to(device=self.device, dtype=self.dtype) for s in states], dim=-1)
+        return embeds, out.pooled
+
+    @torch.no_grad()
+    def encode_with_negative(
+        self,
+        prompt: Prompt,
+        negative_prompt: Prompt | None = None,
+        prompt_2: Prompt | None = None,
+        negative_prompt_2: Prompt | None = None,
+        guidance: bool = True,
+    ):
+        """``(embeds, negative_embeds, pooled, negative_pooled)`` as diffusers' SDXL ``encode_prompt``.
+
+        Without guidance the negatives are None. With guidance and no ``negative_prompt``,
+        they are zeros when ``force_zeros_for_empty_prompt``, else the encoding of ``""``.
+        """
+        embeds, pooled = self.encode(prompt, prompt_2)
+        if not guidance:
+            return embeds, None, pooled, None
+        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+            return embeds, torch.zeros_like(embeds), pooled, torch.zeros_like(pooled)
+        b = embeds.shape[0]
+        neg = negative_prompt or ""
+        neg_2 = negative_prompt_2 or neg
+        neg, neg_2 = ([n] * b if isinstance(n, str) else list(n) for n in (neg, neg_2))
+        if len(neg) != b or len(neg_2) != b:
+            raise ValueError(f"negative_prompt has {len(neg)} entries for a batch of {b} prompts")
+        neg_embeds, neg_pooled = self.encode(neg, neg_2)
+        return embeds, neg_embeds, pooled, neg_pooled
+
+    def __repr__(self) -> str:
+        return (
+            f"TextEncoders(embed_dim={self.embed_dim}, pooled_dim={self.pooled_dim}, device={self.device}, "
+            f"dtype={self.dtype}, force_zeros_for_empty_prompt={self.force_zeros_for_empty_prompt})"
+        )
