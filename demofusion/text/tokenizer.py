@@ -197,7 +197,7 @@ class CLIPTokenizer:
         return cls.from_open_clip(pad_token=pad_token or default_pad, **kw)
 
     def save(self, folder) -> Path:
-        """Write vocab.json, merges.txt and special_tokens_map.json (the diffusers layout)."""
+        """Write vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json (diffusers layout)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
@@ -206,6 +206,8 @@ class CLIPTokenizer:
         (folder / "merges.txt").write_text(text, encoding="utf-8")
         specials = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": self.pad_token}
         (folder / "special_tokens_map.json").write_text(json.dumps(specials), encoding="utf-8")
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **specials}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
         return folder
 
     # ---- text → pieces ------------------------------------------------------------------
