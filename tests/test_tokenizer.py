@@ -140,3 +140,18 @@ def test_missing_vocab_error(monkeypatch):
     monkeypatch.setattr(T, "open_clip_bpe_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="open_clip_torch"):
         T.CLIPTokenizer.load(None)
+
+
+def test_openai_cleaning_matches_open_clip_simple_tokenizer():
+    """cleaning="openai" (ftfy + HTML unescape, as OpenAI's CLIP) equals open_clip's SimpleTokenizer."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    ref = SimpleTokenizer()  # its specials are named <start_of_text>/<end_of_text>: skip literals
+    ours = CLIPTokenizer.from_open_clip(pad_token="!", cleaning="openai")
+    corpus = [p for p in CORPUS if "<|" not in p and "|>" not in p]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(ours(corpus), ref(corpus))
+    # the two cleanings differ where the docs say they do (HTML entities, ftfy fixes)
+    hf = CLIPTokenizer.from_open_clip()
+    assert ours.encode("&amp;") != hf.encode("&amp;") and ours.encode("a &amp; b") == hf.encode("a & b")
