@@ -48,29 +48,21 @@ _CLIP_PAT_I = regex.compile(_CLIP_PAT.pattern, regex.IGNORECASE)
 _GPT2_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
+# Bytes that are printable Latin-1 characters keep their character; CLIP lists them first.
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+
+
 @lru_cache()
 def bytes_to_unicode() -> dict[int, str]:
-    """Byte → printable character table of GPT-2/CLIP (printable Latin-1 bytes map to themselves)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, n = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)
-            n += 1
-    return dict(sorted(table.items()))
+    """Byte → printable character table of GPT-2/CLIP (the others map to chr(256 + n), in byte order)."""
+    rest = [b for b in range(256) if b not in _PRINTABLE]
+    return {**{b: chr(b) for b in _PRINTABLE}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
 
 
 def _byte_symbols() -> list[str]:
     """CLIP's first 512 vocabulary entries: the 256 byte symbols, then each with ``</w>``."""
-    chars = [bytes_to_unicode()[b] for b in _clip_byte_order()]
+    chars = list(bytes_to_unicode().values())  # printable bytes first, then the remapped ones
     return chars + [c + "</w>" for c in chars]
-
-
-@lru_cache()
-def _clip_byte_order() -> list[int]:
-    # CLIP lists the printable bytes first (in byte order), then the remapped ones.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    return keep + [b for b in range(256) if b not in keep]
 
 
 def open_clip_bpe_path() -> Path | None:
