@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from demofusion.text import load_text_encoders
+from demofusion.text import TextEncoders, load_text_encoders
 from tests.helpers import assert_close_rel
-from tests.helpers.text import write_tiny_text_folder
+from tests.helpers.text import hf_tokenizer, write_tiny_text_folder
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -70,3 +70,28 @@ def test_prompt_2_count_must_match(pair):
         ours.encode(["a", "b"], ["c"])
     with pytest.raises(ValueError, match="negative_prompt"):
         ours.encode_with_negative(["a", "b"], negative_prompt=["c"])
+
+
+def test_preset_saved_in_diffusers_layout_runs_in_diffusers(tmp_path):
+    """TextEncoders.save writes files transformers/diffusers load; their encode_prompt equals ours."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    ours = TextEncoders.preset("tiny", seed=3)
+    ours.save(tmp_path)
+    e1 = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+    e2 = CLIPTextModelWithProjection.from_pretrained(tmp_path / "text_encoder_2")
+    t1, t2 = hf_tokenizer(tmp_path / "tokenizer"), hf_tokenizer(tmp_path / "tokenizer_2")
+    assert t2.pad_token_id == 0
+    pipe = StableDiffusionXLPipeline(vae=None, unet=None, text_encoder=e1, text_encoder_2=e2, tokenizer=t1,
+                                     tokenizer_2=t2, scheduler=EulerDiscreteScheduler())
+    prompts = ["a photo of a cat!!", LONG]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                  negative_prompt=["blurry", ""])
+        got = ours.encode_with_negative(prompts, negative_prompt=["blurry", ""])
+        reloaded = load_text_encoders(tmp_path).encode(prompts)
+    for a, b in zip(got, want):
+        assert_close_rel(a, b)
+    assert torch.equal(reloaded[0], got[0]) and torch.equal(reloaded[1], got[2])

@@ -52,6 +52,13 @@ class CLIPTextConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_transformers(self) -> dict:
+        """A transformers ``config.json`` for this model (SDXL's token ids: eos 2 → argmax pooling)."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        arch = "CLIPTextModelWithProjection" if self.projection_dim else "CLIPTextModel"
+        return {"architectures": [arch], "model_type": "clip_text_model", **d,
+                "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
 
 PRESETS = {
     "clip-l": CLIPTextConfig(),

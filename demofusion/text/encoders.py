@@ -169,6 +169,22 @@ class TextEncoders:
         out = cls(tok1, enc1.eval().requires_grad_(False), tok2, enc2.eval().requires_grad_(False))
         return out.to(device, dtype)
 
+    def save(self, folder) -> Path:
+        """Write the diffusers layout: ``text_encoder{,_2}/`` (config.json, model.safetensors with
+        transformers 4.x keys) and ``tokenizer{,_2}/``; loadable by us, transformers and diffusers."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        for sub, enc in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            (folder / sub / "config.json").write_text(json.dumps(enc.config.to_transformers(), indent=2))
+            sd = {k if k.startswith("text_projection") else "text_model." + k: v.detach().contiguous().cpu()
+                  for k, v in enc.state_dict().items()}
+            save_file(sd, str(folder / sub / "model.safetensors"))
+        self.tokenizer.save(folder / "tokenizer")
+        self.tokenizer_2.save(folder / "tokenizer_2")
+        return folder
+
     # ---- placement ----------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> "TextEncoders":
         """Move (and/or cast) both encoders, e.g. ``.to("cpu")`` to offload after encoding."""

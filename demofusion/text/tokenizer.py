@@ -295,7 +295,7 @@ class CLIPTokenizer:
             warnings.warn(
                 f"prompt is longer than CLIP's {self.max_length} tokens; this part was cut off: "
                 f"{self.decode(ids[keep:])!r}",
-                stacklevel=4,
+                stacklevel=3,
             )
         row = [self.sot_id] + ids[:keep] + [self.eot_id]
         return row + [self.pad_id] * (self.max_length - len(row))
