@@ -155,3 +155,34 @@ def test_openai_cleaning_matches_open_clip_simple_tokenizer():
     # the two cleanings differ where the docs say they do (HTML entities, ftfy fixes)
     hf = CLIPTokenizer.from_open_clip()
     assert ours.encode("&amp;") != hf.encode("&amp;") and ours.encode("a &amp; b") == hf.encode("a & b")
+
+
+def _random_codepoint_prompts(n, seed=1):
+    """Random characters from many Unicode blocks (code points assigned in Python's Unicode)."""
+    import unicodedata
+
+    blocks = [(0x0, 0x7F), (0x80, 0x2FF), (0x300, 0x36F), (0x370, 0x52F), (0x600, 0x6FF), (0x900, 0x97F),
+              (0x10A0, 0x10FF), (0x1E00, 0x1FFF), (0x2000, 0x206F), (0x2100, 0x2BFF), (0x3000, 0x30FF),
+              (0x4E00, 0x4E80), (0xAC00, 0xAC80), (0xFB00, 0xFB4F), (0xFE00, 0xFE6F), (0xFF00, 0xFFEF),
+              (0x1D400, 0x1D7FF), (0x1F1E6, 0x1F1FF), (0x1F300, 0x1FAFF), (0xE0000, 0xE007F)]
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        chars = []
+        for _ in range(rng.randint(0, 60)):
+            c = chr(rng.randint(*rng.choice(blocks)))
+            if unicodedata.category(c) not in ("Cn", "Cs"):
+                chars.append(c + (" " if rng.random() < 0.2 else ""))
+        out.append("".join(chars))
+    return out
+
+
+def test_random_codepoints_equal_transformers(vocab_dirs):
+    """Fuzz: 1500 prompts of random characters from 20 Unicode blocks, both paddings."""
+    corpus = _random_codepoint_prompts(1500)
+    for folder in vocab_dirs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = CLIPTokenizer.from_folder(folder)(corpus)
+        want = hf_ids(hf_tokenizer(folder), corpus)
+        bad = [p for i, p in enumerate(corpus) if not torch.equal(got[i], want[i])]
+        assert not bad, f"{len(bad)} prompts differ, first: {bad[0]!r}"
