@@ -114,6 +114,9 @@ def test_single_file_both_encoders(tmp_path):
     _compare(text.text_encoder, hf_l, _ids("tiny-l", "<|endoftext|>"))
     embeds, pooled = text.encode(["a cat", "a dog"])
     assert embeds.shape == (2, 77, 32 + 128) and pooled.shape == (2, 96)
+    # without tokenizer files the CLIP vocabulary (49408) comes from open_clip: too big for tiny weights
+    with pytest.raises(ValueError, match="49408 tokens but text encoder 1 embeds only 1000"):
+        load_text_encoders(file)
 
 
 def test_real_configs_keys_and_shapes_match_transformers():

@@ -153,6 +153,13 @@ class TextEncoders:
     ):
         if not text_encoder_2.config.projection_dim:
             raise ValueError("text_encoder_2 must have a text_projection (OpenCLIP bigG's pooled output)")
+        for i, (tok, enc) in enumerate(((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)), 1):
+            if max(tok.encoder.values()) >= enc.config.vocab_size:
+                raise ValueError(
+                    f"tokenizer {i} has {len(tok.encoder)} tokens but text encoder {i} embeds only "
+                    f"{enc.config.vocab_size}: the tokenizer does not belong to these weights. Pass "
+                    "tokenizer_path= a model folder with the matching tokenizer/ and tokenizer_2/."
+                )
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
