@@ -152,9 +152,10 @@ def test_wrong_weights_are_reported(tmp_path):
         load_text_encoder(tmp_path, 1, config=CLIPTextConfig.preset("tiny-l", hidden_size=64, num_attention_heads=1))
     with pytest.raises(WeightsError, match="text_encoder_2"):
         load_text_encoder(tmp_path, 2)
+    torch.save(hf_state_dict(ref), tmp_path / "clip_l.bin")
     with pytest.raises(WeightsError, match="pickle"):
-        torch.save({}, tmp_path / "text_encoder_2.bin")
-        load_text_encoder(tmp_path / "text_encoder_2.bin", 2)
+        load_text_encoder(tmp_path / "clip_l.bin", 1)
+    _compare(load_text_encoder(tmp_path / "clip_l.bin", 1, allow_pickle=True), ref, _ids("tiny-l", "<|endoftext|>"))
 
 
 def test_preset_tiny_is_seeded_and_movable():
