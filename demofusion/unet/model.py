@@ -1,0 +1,82 @@
+"""The SDXL UNet2DCondition network (parameter names as in the diffusers weight files)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import DownBlock, MidBlock, UpBlock
+from .config import UNetConfig
+from .embeddings import TimestepEmbedding, sinusoidal_embedding
+
+
+class UNet(nn.Module):
+    """SDXL UNet: ``forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)``.
+
+    sample [B,C,h,w]; timestep scalar or [B]; encoder_hidden_states [B,L,cross_attention_dim];
+    text_embeds [B,P] (pooled text); time_ids [B,6] (orig h,w, crop top,left, target h,w).
+    Returns the noise prediction [B,out_channels,h,w].
+    """
+
+    def __init__(self, config: UNetConfig | str = "sdxl-base"):
+        super().__init__()
+        cfg = UNetConfig.preset(config) if isinstance(config, str) else config
+        self.config = cfg
+        ch, temb = cfg.block_out_channels, cfg.time_embed_dim
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+
+        self.down_blocks = nn.ModuleList(
+            DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], add_downsample=i < n - 1) for i in range(n)
+        )
+        self.mid_block = MidBlock(cfg)
+        self.up_blocks = nn.ModuleList()
+        for j in range(n):
+            level = n - 1 - j  # up block j mirrors down level n-1-j
+            prev_ch = ch[min(level + 1, n - 1)]
+            skip_in = ch[max(level - 1, 0)]
+            self.up_blocks.append(UpBlock(cfg, level, prev_ch, ch[level], skip_in, add_upsample=level > 0))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def embed(self, timestep, text_embeds, time_ids, batch: int, dtype) -> torch.Tensor:
+        """emb = time_embedding(fourier(t)) + add_embedding([text_embeds, fourier(time_ids)])."""
+        cfg = self.config
+        t = torch.as_tensor(timestep, device=self.device)
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
+        t_feat = sinusoidal_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_feat.to(dtype))
+        ids = sinusoidal_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                   cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
+        add = torch.cat([text_embeds.to(dtype), ids.to(dtype)], dim=-1)
+        return emb + self.add_embedding(add)
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        b = sample.shape[0]
+        temb = self.embed(timestep, text_embeds, time_ids, b, sample.dtype)
+        context = encoder_hidden_states.to(sample.dtype)
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, temb, context)
+            skips += s
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            up_size = skips[-1].shape[-2:] if skips else None
+            x = block(x, temb, context, block_skips, up_size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
