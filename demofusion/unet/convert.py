@@ -77,29 +77,33 @@ def sgm_key_map(levels: int, layers: int, cross_attention) -> dict[str, tuple[st
     return m
 
 
+def _rename(key: str, table: dict) -> str | None:
+    """Our name for one SGM key (longest matching module prefix), or None if it has none."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix not in table:
+            continue
+        ours, is_resnet = table[prefix]
+        rest = ".".join(parts[n:])
+        if is_resnet:
+            sub = next((o for o in RESNET_RENAMES if rest.startswith(o + ".")), None)
+            if sub is None:
+                return None
+            rest = RESNET_RENAMES[sub] + rest[len(sub):]
+        return f"{ours}.{rest}"
+    return None
+
+
 def convert_sgm_unet(state_dict: dict) -> dict:
     """Rename an SGM UNet state dict (``model.diffusion_model.`` already stripped) to ours.
 
-    Keys that match nothing keep their SGM name behind the prefix, so a loader reports them
-    as unexpected under the name the file uses.
+    Keys that match nothing keep their full file name (with the prefix), so a loader reports
+    them as unexpected under the name the file uses.
     """
     levels, layers, attn = sgm_structure(state_dict)
     table = sgm_key_map(levels, layers, attn)
     out = {}
     for key, tensor in state_dict.items():
-        parts = key.split(".")
-        for n in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:n])
-            if prefix in table:
-                ours, is_resnet = table[prefix]
-                rest = ".".join(parts[n:])
-                if is_resnet:
-                    for old, new in RESNET_RENAMES.items():
-                        if rest.startswith(old + "."):
-                            rest = new + rest[len(old):]
-                            break
-                out[f"{ours}.{rest}"] = tensor
-                break
-        else:
-            out[PREFIX + key] = tensor
+        out[_rename(key, table) or PREFIX + key] = tensor
     return out
