@@ -96,8 +96,10 @@ def diffusers_unet(config: dict, seed: int = 0, dtype=torch.float32):
     """diffusers' UNet2DConditionModel with seeded random weights (every layer non-zero)."""
     from diffusers import UNet2DConditionModel
 
-    model = UNet2DConditionModel.from_config(config)
-    model = seeded_init_(model, seed)
+    with torch.device("meta"):  # skip diffusers' own init: every parameter is overwritten below
+        model = UNet2DConditionModel.from_config(config)
+    assert not list(model.buffers()), "reference UNet has buffers that seeded_init_ would not fill"
+    model = seeded_init_(model.to_empty(device="cpu"), seed)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
