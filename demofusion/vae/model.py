@@ -1,0 +1,288 @@
+"""SDXL's KL autoencoder: encoder, decoder, mid-block self-attention (parameter names = diffusers')."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+
+OVERFLOW_POLICIES = ("upcast", "raise")
+
+
+class FP16OverflowError(FloatingPointError):
+    """The VAE produced NaN/inf in float16 (the released SDXL VAE does; see docs/vae.md)."""
+
+
+def _norm(channels: int, cfg: VAEConfig) -> nn.GroupNorm:
+    return nn.GroupNorm(cfg.norm_num_groups, channels, eps=cfg.norm_eps)
+
+
+class ResnetBlock2D(nn.Module):
+    """y = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
+
+    def __init__(self, cin: int, cout: int, cfg: VAEConfig):
+        super().__init__()
+        self.norm1 = _norm(cin, cfg)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _norm(cout, cfg)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head spatial self-attention: y = x + W_o·softmax(QKᵀ/√C)·V over the h·w positions."""
+
+    def __init__(self, channels: int, cfg: VAEConfig):
+        super().__init__()
+        self.group_norm = _norm(channels, cfg)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, h·w, C]
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
+        a = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        a = self.to_out[0](a).transpose(1, 2).reshape(b, c, h, w)
+        return x + a
+
+
+class MidBlock(nn.Module):
+    """resnet → attention → resnet at the lowest resolution."""
+
+    def __init__(self, channels: int, cfg: VAEConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, cfg) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, cfg)] if cfg.mid_block_add_attention else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class Downsample(nn.Module):
+    """Pad right/bottom by one, then a stride-2 3×3 conv (halves h and w)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3×3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, n: int, down: bool, cfg: VAEConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, cfg) for i in range(n)])
+        self.downsamplers = nn.ModuleList([Downsample(cout)] if down else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in (*self.resnets, *self.downsamplers):
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, n: int, up: bool, cfg: VAEConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, cfg) for i in range(n)])
+        self.upsamplers = nn.ModuleList([Upsample(cout)] if up else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """image [B,3,H,W] → moments [B, 2·latent_channels, H/8, W/8] (before quant_conv)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch = cfg.block_out_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(ch[max(i - 1, 0)], c, cfg.layers_per_block, i < len(ch) - 1, cfg) for i, c in enumerate(ch)
+        )
+        self.mid_block = MidBlock(ch[-1], cfg)
+        self.conv_norm_out = _norm(ch[-1], cfg)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """latent [B,4,h,w] (after post_quant_conv) → image [B,3,8h,8w]."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch = cfg.block_out_channels[::-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], cfg)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(ch[max(i - 1, 0)], c, cfg.layers_per_block + 1, i < len(ch) - 1, cfg) for i, c in enumerate(ch)
+        )
+        self.conv_norm_out = _norm(ch[-1], cfg)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class DiagonalGaussian:
+    """The encoder's posterior N(mean, std²) per latent element (unscaled latents)."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)  # σ = exp(½·log σ²)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std·ε, ε ~ N(0, 1) drawn on the generator's device (as diffusers does)."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+class AutoencoderKL(nn.Module):
+    """SDXL's VAE. ``encode(x in [-1,1]) -> DiagonalGaussian``; ``decode(z) -> image in [-1,1]``.
+
+    Latents are *unscaled*: multiply by ``scaling_factor`` to get what the UNet sees.
+    ``on_fp16_overflow``: what a float16 encode/decode producing NaN/inf does — ``"upcast"``
+    (default: warn, move the VAE to float32 for good — so it happens once — and redo the call)
+    or ``"raise"`` (:class:`FP16OverflowError`). Outputs are in the VAE's dtype.
+    """
+
+    def __init__(self, config: VAEConfig | None = None, on_fp16_overflow: str = "upcast"):
+        super().__init__()
+        self.config = config = config or VAEConfig()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        n = 2 * config.latent_channels
+        self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
+        self.post_quant_conv = (
+            nn.Conv2d(config.latent_channels, config.latent_channels, 1) if config.use_post_quant_conv else None
+        )
+        self.on_fp16_overflow = on_fp16_overflow
+
+    @property
+    def on_fp16_overflow(self) -> str:
+        return self._on_fp16_overflow
+
+    @on_fp16_overflow.setter
+    def on_fp16_overflow(self, policy: str) -> None:
+        if policy not in OVERFLOW_POLICIES:
+            raise ValueError(f"on_fp16_overflow must be one of {OVERFLOW_POLICIES}, not {policy!r}")
+        self._on_fp16_overflow = policy
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent (8)."""
+        return self.config.scale_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    # --- raw passes (no overflow handling) ---------------------------------------------------
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.encoder(x.to(self.dtype))
+        return self.quant_conv(m) if self.quant_conv is not None else m
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.to(self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def _guarded(self, fn, x: torch.Tensor, what: str) -> torch.Tensor:
+        """Run ``fn(x)``; on a float16 NaN/inf apply the overflow policy."""
+        out = fn(x)
+        if out.dtype != torch.float16 or torch.isfinite(out).all():
+            return out
+        if self.on_fp16_overflow == "raise":
+            raise FP16OverflowError(
+                f"VAE {what} overflowed in float16 (NaN/inf in the output). The released SDXL VAE "
+                "does this; load it in float32 (dtype=torch.float32), use the fp16-fixed VAE "
+                "(madebyollin/sdxl-vae-fp16-fix), or pass on_fp16_overflow='upcast'."
+            )
+        warnings.warn(
+            f"VAE {what} overflowed in float16 (NaN/inf); the VAE was moved to float32 for good and "
+            "the call redone (outputs are now float32). Load the VAE in float32 or use the fp16-fixed "
+            "SDXL VAE to avoid the wasted pass; on_fp16_overflow='raise' makes this an error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.float()
+        return fn(x)
+
+    # --- public ------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Posterior of image ``x`` ([B,3,H,W] in [-1,1], H and W multiples of 8)."""
+        _check_input(x, self.config.in_channels, self.scale_factor, "encode", "image")
+        return DiagonalGaussian(self._guarded(self._encode, x, "encode"))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Image in [-1,1] (not clamped) from unscaled latents ``z`` [B,4,h,w] → [B,3,8h,8w]."""
+        _check_input(z, self.config.latent_channels, 1, "decode", "latent")
+        return self._guarded(self._decode, z, "decode")
+
+    def forward(self, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        post = self.encode(x)
+        return self.decode(post.sample(generator) if sample else post.mean)
+
+
+def _check_input(x: torch.Tensor, channels: int, multiple: int, what: str, kind: str) -> None:
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"VAE {what}: expected a {kind} batch [B,{channels},H,W], got shape {tuple(x.shape)}")
+    if x.shape[2] % multiple or x.shape[3] % multiple:
+        raise ValueError(
+            f"VAE {what}: height and width must be multiples of {multiple}, got {tuple(x.shape[2:])}; "
+            "pad or resize the image first."
+        )
