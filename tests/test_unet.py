@@ -39,3 +39,9 @@ def test_parity_fp32(tmp_path, name, hw):
         got = ours(*inputs)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert_close_rel(got, want, 1e-4, f"{name} {hw}")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sdxl-base", "sdxl-turbo"])
+def test_config_round_trips_through_diffusers_dict(preset):
+    cfg = UNetConfig.preset(preset)
+    assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg

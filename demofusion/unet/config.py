@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 # Keys of a diffusers UNet2DConditionModel config that we read; others must keep their defaults.
 _SUPPORTED_DEFAULTS = {
@@ -61,7 +61,6 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 128
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def time_embed_dim(self) -> int:
@@ -164,6 +163,4 @@ class UNetConfig:
         return replace(self, **kw)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
