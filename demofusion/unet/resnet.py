@@ -48,4 +48,6 @@ class Upsample2D(nn.Module):
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         if size is None:
             size = (x.shape[-2] * 2, x.shape[-1] * 2)
+        if x.numel() * 4 > 2**31:  # nearest upsampling of huge channels-last tensors fails (pytorch#141831)
+            x = x.contiguous()
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
