@@ -41,10 +41,21 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
+def tile_layout(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(tile size, starts) along one axis: the fewest tiles of at most ``tile`` that cover
+    ``length`` with overlaps of at least ``overlap``, each shrunk to the smallest size that still
+    does (so the redundancy is ≈ 1 + overlap·(n−1)/length, not n·tile/length)."""
+    n = len(tile_starts(length, tile, overlap))
+    if n == 1:
+        return min(tile, length), [0]
+    t = min(tile, -(-(length + (n - 1) * overlap) // n))  # ⌈(L + (n−1)·O)/n⌉
+    return t, tile_starts(length, t, overlap)
+
+
 def redundancy(h: int, w: int, tile_size: int, overlap: int) -> float:
     """Decoded pixels / output pixels of :func:`decode_tiled` for an ``h×w`` latent."""
-    ny, nx = len(tile_starts(h, tile_size, overlap)), len(tile_starts(w, tile_size, overlap))
-    return ny * min(tile_size, h) * nx * min(tile_size, w) / (h * w)
+    (th, hs), (tw, ws) = tile_layout(h, tile_size, overlap), tile_layout(w, tile_size, overlap)
+    return len(hs) * th * len(ws) * tw / (h * w)
 
 
 def _ramp(n: int) -> torch.Tensor:
@@ -97,8 +108,7 @@ def _blend_tiles(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     (gh, gw), b = grid, x.shape[0]
-    th, tw = min(tile, gh), min(tile, gw)
-    hs, ws = tile_starts(gh, tile, overlap), tile_starts(gw, tile, overlap)
+    (th, hs), (tw, ws) = tile_layout(gh, tile, overlap), tile_layout(gw, tile, overlap)
     wh, ww = _axis_weights(hs, th, gh, out_mul), _axis_weights(ws, tw, gw, out_mul)
     out_device = x.device if out_device is None else torch.device(out_device)
     out = torch.zeros(b, out_channels, gh * out_mul, gw * out_mul, dtype=out_dtype, device=out_device)
@@ -119,7 +129,9 @@ def _blend_tiles(
 
 def _defaults(vae: AutoencoderKL, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
     tile = tile_size or max(vae.config.sample_size // vae.scale_factor, 1)
-    return tile, (tile // 4 if overlap is None else overlap)
+    # a quarter tile, but at least 16 latents: the decoder's zero padding disturbs ~5 latents
+    # (40 px) inside a tile edge, which the cross-fade must reach past
+    return tile, (min(max(tile // 4, 16), tile // 2) if overlap is None else overlap)
 
 
 def decode_tiled(
