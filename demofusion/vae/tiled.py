@@ -1,14 +1,15 @@
 """Tiled VAE decode/encode for images larger than the VAE's native size.
 
-``decode_tiled`` (ours): latent tiles of ``tile_size`` latents (default: the VAE's native size,
-128 latents = 1024 px for SDXL), neighbours overlapping by at least ``overlap`` latents (default
-a quarter tile), tiles spread evenly so the image is covered exactly. Each tile is decoded whole
+``decode_tiled`` (ours): latent tiles of at most ``tile_size`` latents (default: the VAE's native
+size, 128 latents = 1024 px for SDXL), neighbours overlapping by at least ``overlap`` latents
+(default a quarter tile, at least 16), the fewest such tiles, shrunk to the smallest size that
+still covers and spread evenly so the image is covered exactly. Each tile is decoded whole
 and weighted by a separable cosine cross-fade over the overlaps (weights of all tiles sum to 1
 at every pixel, so there is no count map and no 0/0). Tiles are decoded ``batch_size`` at a time;
 the working set is one batch of tiles, whatever the image size. The redundancy factor
-(decoded pixels / output pixels) is ``(n_h·t_h / h) · (n_w·t_w / w)``; with the defaults it is
-at most (128/96)² ≈ 1.78 for large images (2.25 at 2048², 1.56 at 4096²): see
-:func:`redundancy`.
+(decoded pixels / output pixels) is ``(n_h·t_h / h) · (n_w·t_w / w)``; with the SDXL defaults it
+stays below (128/96)² ≈ 1.78 (1.57 at 2048², 1.56 at 4096², 1.75 at 8192²): see
+:func:`redundancy`. The reference's is 16.
 
 ``decode_tiled_reference``: the PRIS-CV DemoFusion ``tiled_decode`` reproduced tile for tile:
 cores of ``sample_size/4`` latents at that stride, each decoded with ``3·sample_size/8``
@@ -146,10 +147,11 @@ def decode_tiled(
     """Decode unscaled latents ``z`` [B,4,h,w] → image [B,3,8h,8w] in overlapping, blended tiles.
 
     ``tile_size``/``overlap`` are in latents (defaults: the VAE's native size, 128 for SDXL, and
-    a quarter of it); ``batch_size`` tiles are decoded per call. Images no larger than one tile
-    are decoded whole (identical to ``vae.decode``). Redundancy ≤ (tile/(tile−overlap))²
-    (≈ 1.78 with the defaults; :func:`redundancy` gives the exact figure). ``out_device``: where
-    the image is assembled (e.g. ``"cpu"`` to keep a GPU's working set to one batch of tiles).
+    a quarter of it, at least 16); ``batch_size`` tiles are decoded per call. Images no larger
+    than one tile are decoded whole (identical to ``vae.decode``). Redundancy ≈
+    (tile/(tile−overlap))² at most (< 1.79 with the SDXL defaults; :func:`redundancy` gives the
+    exact figure). ``out_device``: where the image is assembled (e.g. ``"cpu"`` to keep a GPU's
+    working set to one batch of tiles).
     """
     if z.ndim != 4:
         raise ValueError(f"decode_tiled expects latents [B,C,h,w], got shape {tuple(z.shape)}")
