@@ -217,3 +217,18 @@ def test_reference_mode_equals_transcription(pair, h, w, sample_size, lowvram, e
     if not lowvram:
         batched = decode_tiled_reference(ours, scaled / ours.scaling_factor, sample_size, batch_size=8)
         assert_close_rel(batched, got, tol=1e-5, what="batched reference views")
+
+
+def test_working_set_is_one_batch_of_tiles_whatever_the_size():
+    """decode_tiled / encode_tiled never hand the VAE more than batch_size tiles of ≤ tile_size."""
+    vae, seen = _LocalVAE(), []
+    decode, encode = vae.decode, vae.encode
+    vae.decode = lambda z: (seen.append(tuple(z.shape)), decode(z))[1]
+    vae.encode = lambda x: (seen.append(tuple(x.shape)), encode(x))[1]
+    for h, w in ((40, 40), (300, 520)):
+        seen.clear()
+        decode_tiled(vae, _latents(h, w, batch=2), tile_size=32, overlap=8, batch_size=3)
+        assert max(s[0] for s in seen) <= 6 and max(max(s[2:]) for s in seen) <= 32, seen[:3]
+    seen.clear()
+    encode_tiled(vae, torch.randn(1, 3, 8 * 100, 8 * 90), tile_size=32, overlap=8, batch_size=2)
+    assert max(s[0] for s in seen) <= 2 and max(max(s[2:]) for s in seen) <= 256
