@@ -215,3 +215,21 @@ def test_fp16_fixed_weights_run_in_fp16_without_upcast(tmp_path):
     expect = load_vae(tmp_path / "vae", dtype=torch.float32)
     assert_close_rel(out, expect.decode(z.half().float()), tol=2e-2, what="fp16 decode")
     assert_close_rel(mean, expect.encode(x.half().float()).mean, tol=2e-2, what="fp16 encode")
+
+
+def test_save_vae_writes_a_folder_diffusers_loads(tmp_path):
+    from diffusers import AutoencoderKL as Ref
+
+    from demofusion.vae import save_vae
+
+    ours = load_vae(_save(diffusers_vae("tiny", seed=8), tmp_path / "src"))
+    save_vae(ours, tmp_path / "out")
+    ref = Ref.from_pretrained(tmp_path / "out").eval()
+    _, z = _inputs(batch=1, size=(32, 40))
+    assert_close_rel(ours.decode(z), ref.decode(z).sample, what="save_vae round trip")
+    assert load_vae(tmp_path / "out").config == ours.config
+
+
+def _save(ref, folder):
+    ref.save_pretrained(folder)
+    return folder
