@@ -1,0 +1,30 @@
+"""Separable Gaussian blur (zero padding, 'same' size) and mean/std matching."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(size: int, std: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """g_k ∝ exp(−(k − (size−1)/2)² / 2σ²), k = 0..size−1, normalised to Σ g = 1."""
+    x = torch.arange(size, dtype=dtype, device=device)
+    g = torch.exp(-((x - (size - 1) / 2) ** 2) / (2 * std**2))
+    return g / g.sum()
+
+
+def gaussian_blur(x: torch.Tensor, size: int, std: float) -> torch.Tensor:
+    """Blur [B,C,H,W] with the size×size Gaussian g gᵀ as two 1-D passes, zero padding size//2."""
+    if size <= 1:
+        return x
+    c = x.shape[1]
+    g = gaussian_kernel1d(size, std, dtype=x.dtype, device=x.device)
+    x = F.conv2d(x, g.view(1, 1, size, 1).expand(c, 1, size, 1), padding=(size // 2, 0), groups=c)
+    return F.conv2d(x, g.view(1, 1, 1, size).expand(c, 1, 1, size), padding=(0, size // 2), groups=c)
+
+
+def match_mean_std(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   valid: tuple[slice, slice] | None = None) -> torch.Tensor:
+    """(x − mean(x)) / std(x) · std + mean, statistics of x taken over ``valid`` (default all)."""
+    ref = x if valid is None else x[..., valid[0], valid[1]]
+    return (x - ref.mean()) / ref.std() * std + mean
