@@ -1,0 +1,137 @@
+"""Small DemoFusion pipelines for tests, and a plain loop transcription of DESIGN.md §3."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+import demofusion as df
+from demofusion.presets import random_init_, tiny_components
+from demofusion.schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
+from demofusion.unet import UNet, UNetConfig
+
+
+def small_pipeline(kind: str = "sdxl", sample_size: int = 16, seed: int = 0) -> df.DemoFusionPipeline:
+    """Tiny components with a ``sample_size``-latent UNet (base = 8·sample_size px).
+    ``kind``: "sdxl" (Euler, base config) or "turbo" (Euler-ancestral, trailing)."""
+    _, vae, text, _ = tiny_components(seed=seed)
+    cfg = dataclasses.replace(UNetConfig.preset("tiny"), sample_size=sample_size)
+    unet = random_init_(UNet(cfg), seed).eval().requires_grad_(False)
+    sched = from_config(SDXL_TURBO_CONFIG if kind == "turbo" else SDXL_BASE_CONFIG)
+    return df.DemoFusionPipeline(unet, vae, text, sched)
+
+
+def record_steps(pipe, **kw):
+    """Run the pipeline and return (output, {(phase, step): latents})."""
+    steps = {}
+    out = pipe(callback=lambda phase, i, t, z: steps.__setitem__((phase, i), z.clone()), **kw)
+    return out, steps
+
+
+# ---- DESIGN.md §3 written as plain loops (slicing, one UNet call and one step per view) ---------
+def _guided_eps(pipe, x, t, cond, crop, guidance):
+    """ε for one view: unconditional and conditional UNet calls, combined by CFG."""
+    (embeds, pooled), (neg_embeds, neg_pooled), (H, W) = cond
+    tid = torch.tensor([[H, W, crop[0], crop[1], H, W]], dtype=torch.float32)
+    eps_c = pipe.unet(x, t, embeds, pooled, tid)
+    if guidance <= 1:
+        return eps_c
+    eps_u = pipe.unet(x, t, neg_embeds, neg_pooled, tid)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def _starts(length, window, stride):
+    if length <= window:
+        return [0]
+    n = int((length - window) / stride - 1e-6) + 2
+    out = []
+    for k in range(n):
+        a = k * stride
+        if a + window > length:
+            a = length - window
+        out.append(a)
+    return out
+
+
+def _blur2d(x, size, std):
+    c = x.shape[1]
+    coords = torch.arange(size, dtype=torch.float32)
+    g = torch.exp(-((coords - (size - 1) / 2) ** 2) / (2 * std**2))
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :])[None, None].repeat(c, 1, 1, 1)
+    return F.conv2d(x, k, padding=size // 2, groups=c)
+
+
+def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1=3.0, a2=1.0, a3=1.0, sigma=0.8):
+    """Per-step latents {(phase, step): z} of DESIGN.md §3 with jitter off, drawing noise in the
+    pipeline's documented order (phase generators from the seed; ε_k; one canvas noise per step
+    for stochastic samplers)."""
+    sched = pipe.scheduler
+    base = pipe.unet.config.sample_size * 8
+    win = base // 8
+    S = max(1, int(max(height, width) / base))
+    sizes = [(round(height * s / S / 8) * 8, round(width * s / S / 8) * 8) for s in range(1, S)] + [(height, width)]
+    root = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(int(v)) for v in torch.randint(2**62, (S,), generator=root)]
+    e, pooled = pipe.text.encode(prompt)
+    cond = ((e, pooled), (torch.zeros_like(e), torch.zeros_like(pooled)), (height, width))
+    sched.set_timesteps(steps)
+    ts = sched.timesteps
+    ancestral = type(sched).__name__ == "EulerAncestralDiscreteScheduler"
+    rec = {}
+
+    g = gens[0]
+    z = torch.randn((1, 4, sizes[0][0] // 8, sizes[0][1] // 8), generator=g) * sched.init_noise_sigma
+    for i, t in enumerate(ts):
+        noise = torch.randn(z.shape, generator=g) if ancestral else None
+        eps = _guided_eps(pipe, sched.scale_model_input(z, t), t, cond, (0, 0), guidance)
+        z = sched.step(eps, t, z, noise=noise)
+        rec[(1, i)] = z.clone()
+    mean1, std1 = z.mean(), z.std()
+
+    for k in range(1, S):
+        s, g = k + 1, gens[k]
+        h, w = sizes[k][0] // 8, sizes[k][1] // 8
+        z_up = F.interpolate(z, size=(h, w), mode="bicubic")
+        eps_noise = torch.randn(z_up.shape, generator=g)
+        z = sched.add_noise(z_up, eps_noise, ts[0])
+        for i, t in enumerate(ts):
+            c = 0.5 * (1 + math.cos(math.pi * (1000 - float(t)) / 1000))
+            z = (1 - c**a1) * z + c**a1 * sched.add_noise(z_up, eps_noise, t)
+            noise = torch.randn(z.shape, generator=g) if ancestral else torch.zeros_like(z)
+            # local paths
+            J = (win - stride) // 4
+            zp, npad = F.pad(z, (J, J, J, J)), F.pad(noise, (J, J, J, J))
+            value, count = torch.zeros_like(zp), torch.zeros_like(zp)
+            wh, ww = min(win, h), min(win, w)
+            for a in _starts(h, wh, stride):
+                for b in _starts(w, ww, stride):
+                    a0, b0 = a + J, b + J
+                    v = zp[:, :, a0 : a0 + wh, b0 : b0 + ww]
+                    eps = _guided_eps(pipe, sched.scale_model_input(v, t), t, cond, (a0 * 8, b0 * 8), guidance)
+                    nz = npad[:, :, a0 : a0 + wh, b0 : b0 + ww] if ancestral else None
+                    value[:, :, a0 : a0 + wh, b0 : b0 + ww] += sched.step(eps, t, v, noise=nz)
+                    count[:, :, a0 : a0 + wh, b0 : b0 + ww] += 1
+            z_local = (value / count)[:, :, J : J + h, J : J + w]
+            # global paths (dilated sampling)
+            ph, pw = (-h) % s, (-w) % s
+            zg, ng = F.pad(z, (pw, 0, ph, 0)), F.pad(noise, (pw, 0, ph, 0))
+            valid = zg[:, :, ph:, pw:]
+            blurred = _blur2d(zg, 2 * s - 1, sigma * (0.99 * c**a3 + 0.01))
+            bv = blurred[:, :, ph:, pw:]
+            blurred = (blurred - bv.mean()) / bv.std() * valid.std() + valid.mean()
+            out = torch.zeros_like(zg)
+            for a in range(s):
+                for b in range(s):
+                    eps = _guided_eps(pipe, sched.scale_model_input(blurred[:, :, a::s, b::s], t), t, cond, (0, 0),
+                                      guidance)
+                    nz = ng[:, :, a::s, b::s] if ancestral else None
+                    out[:, :, a::s, b::s] = sched.step(eps, t, zg[:, :, a::s, b::s], noise=nz)
+            z_global = out[:, :, ph:, pw:]
+            z = (1 - c**a2) * z_local + c**a2 * z_global
+            rec[(s, i)] = z.clone()
+        z = (z - z.mean()) / z.std() * std1 + mean1
+    return rec
