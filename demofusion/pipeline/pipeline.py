@@ -296,19 +296,20 @@ class DemoFusionPipeline:
             if on_phase_end is not None:
                 on_phase_end(k + 1, out.images[-1], z)
 
+        def skipped(z):
+            out.latents.append(z), out.images.append(None), out.timings.append(0.0), out.unet_calls.append(0)
+
         # -- phase 1 -------------------------------------------------------------------------
         t0 = time.perf_counter()
         g = phase_gens[0]
         h1, w1 = sizes[0][0] // 8, sizes[0][1] // 8
-        if done:
-            z = done[0].to(dev, torch.float32)
-            out.latents.append(z), out.images.append(None), out.timings.append(0.0), out.unet_calls.append(0)
-            first_upscale = 1
-        elif image is not None:
+        if image is not None:  # img2img: the encoded image replaces phase 1, upscaling starts at phase 1
             x = from_pil(image, sizes[0]).to(dev)
-            post = self._encode(x)
-            z = post.sample(generator=g).to(dev) * sf
+            z = self._encode(x).sample(generator=g).to(dev) * sf
             first_upscale = 0
+        elif done:  # resuming: phase 1 is finished
+            z = done[0].to(dev, torch.float32)
+            first_upscale = 1
         else:
             if latents is None:
                 latents = torch.randn((B, 4, h1, w1), generator=g)
@@ -324,16 +325,18 @@ class DemoFusionPipeline:
                     callback(1, i, t, z)
             first_upscale = 1
         anchor_mean, anchor_std = z.mean(), z.std()  # statistics every later phase is renormalised to
-        if not done:
-            finish(0, z, t0)
+        if first_upscale == 1:
+            if done:
+                skipped(z)
+            else:
+                finish(0, z, t0)
 
         # -- upscaling phases ---------------------------------------------------------------------
         N = len(timesteps)
         for k in range(first_upscale, S):
             if k < len(done):
-                if k > 0:
-                    z = done[k].to(dev, torch.float32)
-                    out.latents.append(z), out.images.append(None), out.timings.append(0.0), out.unet_calls.append(0)
+                z = done[k].to(dev, torch.float32)
+                skipped(z)
                 continue
             t0 = time.perf_counter()
             g = phase_gens[k]
