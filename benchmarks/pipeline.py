@@ -1,0 +1,88 @@
+"""Pipeline benchmark: UNet evaluations, calls and wall time per phase; counted FLOPs.
+
+    python benchmarks/pipeline.py --model tiny --height 768 --width 768 --steps 8
+    python benchmarks/pipeline.py --count-only --height 4096 --width 4096 --steps 50
+
+``--count-only`` prints the analytic work of a real SDXL run (single-sample 128² UNet
+evaluations per phase × 6.76e12 FLOPs each, DESIGN.md §5) without running anything. With a
+model it runs the pipeline and reports per-phase UNet calls (batched) and seconds; on CUDA it
+also reports peak memory and achieved TFLOP/s from the counted FLOPs (``--flops-per-eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from demofusion.ops import view_starts
+from demofusion.pipeline import phase_sizes
+
+SDXL_FLOPS_128 = 6.76e12  # one UNet forward, batch 1, 128² latent (DESIGN.md §5)
+
+
+def evaluations_per_phase(height, width, base=1024, steps=50, stride=64, guidance=True):
+    """Single-sample UNet evaluations in each phase (local windows + s² sub-latents) × CFG × steps."""
+    window, cfg = base // 8, 2 if guidance else 1
+    out = []
+    for k, (h, w) in enumerate(phase_sizes(height, width, base)):
+        h, w = h // 8, w // 8
+        if k == 0:
+            views = 1
+        else:
+            s = k + 1
+            views = len(view_starts(h, min(window, h), stride)) * len(view_starts(w, min(window, w), stride)) + s * s
+        out.append(views * cfg * steps)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--stride", type=int, default=None, help="default: 64, or window/2 for small models")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--view-batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--count-only", action="store_true")
+    ap.add_argument("--flops-per-eval", type=float, default=SDXL_FLOPS_128)
+    a = ap.parse_args(argv)
+
+    if a.count_only:
+        ev = evaluations_per_phase(a.height, a.width, 1024, a.steps, a.stride or 64, a.guidance > 1)
+        print(f"{a.height}×{a.width}, {a.steps} steps: single-sample 128² UNet evaluations per phase {ev} "
+              f"= {sum(ev):,} ≈ {sum(ev) * a.flops_per_eval:.2e} FLOPs")
+        return
+
+    from demofusion import DemoFusionPipeline
+    from demofusion.weights import parse_dtype
+
+    pipe = DemoFusionPipeline.from_pretrained(a.model, device=a.device, dtype=parse_dtype(a.dtype))
+    window = pipe.base_size // 8
+    stride = a.stride or (64 if window >= 128 else window // 2)
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = pipe("a lighthouse at dawn", height=a.height, width=a.width, num_inference_steps=a.steps,
+               guidance_scale=a.guidance, stride=stride, view_batch_size=a.view_batch_size, seed=0)
+    total = time.perf_counter() - t0
+    ev = evaluations_per_phase(a.height, a.width, pipe.base_size, a.steps, stride, a.guidance > 1)
+    print(f"model={a.model} {a.height}×{a.width} steps={a.steps} stride={stride} "
+          f"view_batch_size={a.view_batch_size} device={a.device} dtype={a.dtype}")
+    print("| phase | size | UNet calls | single-sample evaluations | seconds |")
+    print("|---|---|---|---|---|")
+    for k, (size, calls, e, sec) in enumerate(zip(out.phase_sizes, out.unet_calls, ev, out.timings), 1):
+        print(f"| {k} | {size[0]}×{size[1]} | {calls} | {e} | {sec:.2f} |")
+    print(f"total {total:.2f} s")
+    if a.device.startswith("cuda"):
+        flops = sum(ev) * a.flops_per_eval
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
+              f"{flops / total / 1e12:.1f} TFLOP/s from counted UNet FLOPs")
+
+
+if __name__ == "__main__":
+    main()
