@@ -157,3 +157,28 @@ def test_image_to_image_resume_is_bit_identical():
     full = p("x", **kw)
     resumed = p("x", resume_latents=full.latents[:2], **kw)
     assert len(resumed.latents) == 3 and torch.equal(resumed.latents[-1], full.latents[-1])
+
+
+def test_from_pretrained_diffusers_folder_equals_in_memory(tmp_path):
+    from demofusion import DemoFusionPipeline
+
+    p = small_pipeline("turbo")
+    folder = p.save_pretrained(tmp_path / "model")
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "tokenizer_2" / "vocab.json").is_file() and (folder / "model_index.json").is_file()
+    q = DemoFusionPipeline.from_pretrained(folder)
+    assert type(q.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert q.unet.config.sample_size == 16
+    kw = dict(height=384, width=384, num_inference_steps=2, guidance_scale=0.0, stride=8, output_type="latent")
+    a, b = p("x", **kw), q("x", **kw)
+    # same weights; only float rounding may differ (the reloaded projection's memory layout)
+    assert all((x - y).abs().max() <= 1e-5 * y.abs().max() for x, y in zip(a.latents, b.latents))
+
+
+def test_from_pretrained_missing_weights_says_how_to_download(tmp_path):
+    from demofusion import DemoFusionPipeline, WeightsError
+
+    with pytest.raises(WeightsError, match="demofusion download"):
+        DemoFusionPipeline.from_pretrained(tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="demofusion download sdxl-base"):
+        DemoFusionPipeline.from_pretrained("sdxl-base")

@@ -137,6 +137,29 @@ class DemoFusionPipeline:
             scheduler = from_config(scheduler)
         return cls(unet, vae, text, scheduler, name=str(path))
 
+    def save_pretrained(self, folder) -> Path:
+        """Write the diffusers folder layout (safetensors + config.json per component, tokenizers,
+        scheduler config, model_index.json) — loadable by ``from_pretrained`` and by diffusers."""
+        from safetensors.torch import save_file
+
+        from ..vae.loading import save_vae
+
+        folder = Path(folder)
+        (folder / "unet").mkdir(parents=True, exist_ok=True)
+        cfg = {"_class_name": "UNet2DConditionModel", **self.unet.config.to_diffusers()}
+        (folder / "unet" / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()},
+                  str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+        save_vae(self.vae, folder / "vae")
+        self.text.save(folder)
+        (folder / "scheduler").mkdir(exist_ok=True)
+        sched_cfg = {"_class_name": type(self.scheduler).__name__, **self.scheduler.config}
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2))
+        index = {"_class_name": "StableDiffusionXLPipeline",
+                 "force_zeros_for_empty_prompt": self.text.force_zeros_for_empty_prompt}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        return folder
+
     @property
     def device(self) -> torch.device:
         return self.unet.device
