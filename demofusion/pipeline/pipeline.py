@@ -79,6 +79,15 @@ def from_pil(image, size: tuple[int, int]) -> torch.Tensor:
     return x
 
 
+def _steps(timesteps, phase: int, phases: int, progress: bool):
+    """The timesteps, behind a tqdm bar per phase when ``progress``."""
+    if not progress:
+        return timesteps
+    from tqdm.auto import tqdm
+
+    return tqdm(timesteps, desc=f"phase {phase}/{phases}", unit="step", leave=True)
+
+
 def _needs_noise(scheduler) -> bool:
     name = type(scheduler).__name__
     return name == "EulerAncestralDiscreteScheduler" or (name == "DDIMScheduler" and scheduler.config.get("eta", 0) > 0)
@@ -250,7 +259,7 @@ class DemoFusionPipeline:
         latents)`` and ``preview_dir`` (writes ``phase_<k>.png``) as soon as a phase ends.
         ``resume_latents``: latents of phases already finished (phase 1 first); those phases are
         skipped and the result equals an uninterrupted run's.
-        ``output_type="latent"`` skips decoding (``images`` are None).
+        ``output_type="latent"`` skips decoding (``images`` are None). ``progress``: a tqdm bar per phase.
         """
         mech = self.mechanisms
         base = base_size or self.base_size
@@ -340,7 +349,7 @@ class DemoFusionPipeline:
                 raise ValueError(f"latents must be [B,4,{h1},{w1}] for phase 1 ({sizes[0][0]}×{sizes[0][1]} px), "
                                  f"got {tuple(latents.shape)}")
             z = latents.to(dev, torch.float32) * sched.init_noise_sigma
-            for i, t in enumerate(timesteps):
+            for i, t in enumerate(_steps(timesteps, 1, S, progress)):
                 nz = torch.randn(z.shape, generator=g).to(dev) if stochastic else None
                 full = torch.tensor([[0, 0]], dtype=torch.long).repeat(B, 1)
                 z = self._denoise(ctx, z, z, full, t, nz, lambda k: None)
@@ -370,7 +379,7 @@ class DemoFusionPipeline:
             eps = eps.to(dev, z_up.dtype)
             z = sched.add_noise(z_up, eps, timesteps[0])  # ẑ_0
             stale = k > 0 or first_upscale == 1  # the reference's scheduler index is left at N by phase 1
-            for i, t in enumerate(timesteps):
+            for i, t in enumerate(_steps(timesteps, k + 1, S, progress)):
                 c = mech.cosine_factor(t, T)
                 if skip_residual:
                     z = mech.skip_residual(z, sched.add_noise(z_up, eps, t), c, cosine_scale_1)
