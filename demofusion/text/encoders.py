@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -127,19 +126,6 @@ def _as_list(prompt: Prompt, what: str) -> list[str]:
     return prompt
 
 
-def _seeded_init_(module: torch.nn.Module, seed: int) -> None:
-    """Matrices ~ N(0, 1/fan_in), norm gains 1 + 0.1·N, biases 0.1·N (deterministic per seed)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                r = r / math.sqrt(p.shape[1])
-            else:
-                r = 1 + 0.1 * r if name.endswith("weight") else 0.1 * r
-            p.copy_(r)
-
-
 class TextEncoders:
     """SDXL's text conditioning: two tokenizers, two encoders, ``encode(prompt)``."""
 
@@ -170,8 +156,10 @@ class TextEncoders:
         if name != "tiny":
             raise ValueError(f"unknown text preset {name!r}; only 'tiny' is built offline")
         enc1, enc2 = CLIPTextModel(CLIPTextConfig.preset("tiny-l")), CLIPTextModel(CLIPTextConfig.preset("tiny-g"))
-        _seeded_init_(enc1, seed)
-        _seeded_init_(enc2, seed + 1)
+        from ..presets import random_init_
+
+        random_init_(enc1, seed)
+        random_init_(enc2, seed + 1)
         tok1, tok2 = CLIPTokenizer.byte_level(pad_token=EOT), CLIPTokenizer.byte_level(pad_token="!")
         out = cls(tok1, enc1.eval().requires_grad_(False), tok2, enc2.eval().requires_grad_(False))
         return out.to(device, dtype)
