@@ -277,9 +277,9 @@ def cmd_generate(args) -> int:
         print(f"warning: model hash {fp} differs from the one recorded ({params['model_hash']}); "
               "the pictures will not match", file=sys.stderr)
     params["model_hash"] = fp
+    params["stride"] = params.get("stride") or pipe.base_size // 16
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(params, indent=2, sort_keys=True))
-    params["stride"] = params.get("stride") or pipe.base_size // 16
     _warn_long_prompt(pipe, params)
     if done:
         print(f"resuming {out}: phases 1–{len(done)} already finished")
