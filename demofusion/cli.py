@@ -151,10 +151,7 @@ def model_fingerprint(pipe, model: str) -> str:
     if path.exists():
         from .weights import resolve_component
 
-        try:
-            f = Path(resolve_component(path, "unet")[0]) if path.is_dir() else path
-        except Exception:
-            f = path
+        f = Path(resolve_component(path, "unet", ["diffusion_pytorch_model"])[0]) if path.is_dir() else path
         h = hashlib.sha256(str(f.stat().st_size).encode())
         with open(f, "rb") as fh:
             h.update(fh.read(64 << 20))

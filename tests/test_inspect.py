@@ -1,0 +1,85 @@
+"""`demofusion inspect`: layouts, kinds and key checks of tiny random checkpoints, from headers only."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from demofusion.cli import main
+from demofusion.inspect import inspect, read_header
+from demofusion.pipeline import DemoFusionPipeline
+from tests.helpers.unet import to_sgm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pipe = DemoFusionPipeline.from_pretrained("tiny")
+    return pipe, pipe.save_pretrained(tmp_path_factory.mktemp("tiny") / "tiny-model")
+
+
+def test_header_matches_tensors(tiny):
+    pipe, folder = tiny
+    head = read_header(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    sd = pipe.unet.state_dict()
+    assert set(head) == set(sd)
+    assert all(head[k] == ("F32", list(v.shape)) for k, v in sd.items())
+
+
+def test_diffusers_folder(tiny, capsys):
+    pipe, folder = tiny
+    rep = inspect(folder)
+    assert rep.layout == "diffusers folder"
+    assert [c.name for c in rep.components] == ["unet", "vae", "text_encoder", "text_encoder_2"]
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text.text_encoder,
+               "text_encoder_2": pipe.text.text_encoder_2}
+    for c in rep.components:
+        assert c.params == sum(p.numel() for p in modules[c.name].state_dict().values()), c.name
+        assert c.dtypes == {"F32": len(modules[c.name].state_dict())} or c.name.startswith("text"), c.name
+        assert c.missing == [] and c.unexpected == [], (c.name, c.missing, c.unexpected)
+    assert "tiny" in rep.kind
+    assert main(["inspect", str(folder)]) == 0
+    assert "keys match the model exactly" in capsys.readouterr().out
+
+
+def test_component_folder_and_file_with_bad_keys(tiny, tmp_path):
+    pipe, folder = tiny
+    rep = inspect(folder / "vae")
+    assert rep.layout == "component folder (vae)" and rep.components[0].missing == []
+    sd = {k: v for k, v in pipe.unet.state_dict().items() if k != "conv_in.bias"}
+    sd["extra.weight"] = torch.zeros(3)
+    save_file(sd, str(tmp_path / "unet.safetensors"))
+    (tmp_path / "config.json").write_text((folder / "unet" / "config.json").read_text())
+    c = inspect(tmp_path / "unet.safetensors").components[0]
+    assert c.name == "unet" and c.missing == ["conv_in.bias"] and c.unexpected == ["extra.weight"]
+
+
+def test_single_file(tiny, tmp_path):
+    pipe, folder = tiny
+    unet_sd = {k: v.half() for k, v in pipe.unet.state_dict().items()}
+    sd = to_sgm(unet_sd, pipe.unet.config.to_diffusers())
+    sd.update({"first_stage_model." + k: v for k, v in pipe.vae.state_dict().items()})
+    save_file(sd, str(tmp_path / "my_sdxl_turbo.safetensors"))
+    rep = inspect(tmp_path / "my_sdxl_turbo.safetensors")
+    assert rep.layout == "single-file (SGM) checkpoint" and rep.kind == "sdxl-turbo"
+    unet, vae = rep.components
+    assert unet.name == "unet" and unet.dtypes == {"F16": len(unet_sd)}
+    assert unet.params == sum(v.numel() for v in unet_sd.values())
+    assert unet.missing == [] and unet.unexpected == [], (unet.missing, unet.unexpected, unet.note)
+    assert vae.name == "vae" and vae.missing == [] and vae.unexpected == []
+
+
+def test_generate_from_a_model_folder(tiny, tmp_path, capsys):
+    pipe, folder = tiny
+    assert main(["generate", "--model", str(folder), "--height", "256", "--width", "256", "--steps", "2",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    from demofusion.cli import read_png_params
+
+    meta = read_png_params(tmp_path / "phase_1.png")
+    assert meta["model"] == str(folder) and len(meta["model_hash"]) == 16
+
+
+def test_inspect_errors(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "none")]) == 2
+    assert "demofusion download" in capsys.readouterr().err
+    (tmp_path / "m.ckpt").write_bytes(b"x")
+    assert main(["inspect", str(tmp_path / "m.ckpt")]) == 2
+    assert "pickles are never opened" in capsys.readouterr().err
