@@ -299,6 +299,9 @@ def cmd_generate(args) -> int:
     except _Stop as s:
         print(f"stopped after phase {s.args[0]} as asked; continue with `demofusion generate --resume {out}`")
         return 0
+    except KeyboardInterrupt:
+        raise CLIError(f"interrupted; finished phases are saved in {out} — continue with "
+                       f"`demofusion generate --resume {out}`") from None
     except ValueError as e:
         raise CLIError(str(e).splitlines()[0]) from e
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
@@ -365,6 +368,10 @@ def cmd_ablate(args) -> int:
             res = pipe(**cell, preview_dir=folder)
         except ValueError as e:
             raise CLIError(f"cell {name}: {str(e).splitlines()[0]}") from e
+        except RuntimeError as e:
+            if _is_oom(e):
+                raise CLIError(f"cell {name}: {_oom_message(e)}") from e
+            raise
         finals.append(res.images[-1])
         record["cells"].append({"name": name, "changes": change, "settings": cell,
                                 "images": [str(folder / f"phase_{k + 1}.png") for k in range(len(res.images))]})

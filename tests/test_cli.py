@@ -144,3 +144,22 @@ def test_warning_prompt_over_77_tokens(capsys, tmp_path):
                  "--steps", "1", "--no-progress", "--out", str(tmp_path)]) == 0
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: prompt")]
     assert len(lines) == 1 and "'and this tail is cut'" in lines[0] and "77" in lines[0]
+
+
+def test_resume_after_ctrl_c_in_phase_3(full_run, tmp_path, capsys, monkeypatch):
+    from demofusion.pipeline import DemoFusionPipeline
+
+    decode = DemoFusionPipeline._decode
+
+    def interrupted(self, z, k, *a, **kw):  # Ctrl-C while phase 3 is in flight (at its decode)
+        if k == 2:
+            raise KeyboardInterrupt
+        return decode(self, z, k, *a, **kw)
+
+    monkeypatch.setattr(DemoFusionPipeline, "_decode", interrupted)
+    line = err(capsys, ["generate", *RUN, "--out", str(tmp_path)])
+    assert "interrupted" in line and f"--resume {tmp_path}" in line
+    assert (tmp_path / "phase_2.png").is_file() and not (tmp_path / "phase_3.safetensors").exists()
+    monkeypatch.setattr(DemoFusionPipeline, "_decode", decode)
+    assert main(["generate", "--resume", str(tmp_path), "--no-progress"]) == 0
+    assert np.array_equal(pixels(tmp_path / "phase_3.png"), pixels(full_run / "phase_3.png"))
