@@ -117,6 +117,8 @@ def _guess_kind(unet: ComponentReport | None, config: dict | None, path: Path) -
         return "sdxl-turbo"
     if config and config.get("sample_size") == 64:
         return "sdxl-turbo"
+    if config and config.get("sample_size") == 128 and unet is not None and unet.params > 2e9:
+        return "sdxl-base"
     if unet is None:
         return "unknown (no UNet)"
     if unet.params > 2e9:
