@@ -105,13 +105,15 @@ class DemoFusionPipeline:
     @classmethod
     def from_pretrained(cls, path_or_preset, device="cpu", dtype=torch.float32, kind: str | None = None,
                         scheduler=None, variant: str | None = None, vae_dtype=None, seed: int = 0,
-                        allow_pickle: bool = False):
+                        allow_pickle: bool = False, tokenizer_path=None):
         """From a diffusers model folder, a single-file checkpoint, or the preset ``"tiny"``.
 
         ``kind``: ``"sdxl-base"`` / ``"sdxl-turbo"`` for single files (their tensors cannot tell;
         default base, or turbo when the file name says so). ``scheduler``: a scheduler, a config
         dict/file, or None (the folder's ``scheduler/scheduler_config.json``, else the kind's).
         ``vae_dtype``: defaults to ``dtype`` (fp16 VAE overflow is upcast automatically).
+        ``tokenizer_path``: a folder with ``tokenizer/`` and ``tokenizer_2/`` (single files carry
+        none; default: the folder itself, else the CLIP vocabulary open_clip_torch ships).
         """
         from ..schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
 
@@ -138,7 +140,8 @@ class DemoFusionPipeline:
             kind = "sdxl-turbo" if "turbo" in path.name.lower() else None
         unet = load_unet(path, dtype=dtype, device=device, kind=kind, variant=variant, allow_pickle=allow_pickle)
         vae = load_vae(path, dtype=vae_dtype or dtype, device=device, variant=variant, allow_pickle=allow_pickle)
-        text = load_text_encoders(path, dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle)
+        text = load_text_encoders(path, dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle,
+                                  tokenizer_path=tokenizer_path)
         if scheduler is None:
             cfg = path / "scheduler" / "scheduler_config.json"
             scheduler = cfg if cfg.is_file() else (SDXL_TURBO_CONFIG if kind == "sdxl-turbo" else SDXL_BASE_CONFIG)
@@ -275,7 +278,8 @@ class DemoFusionPipeline:
         if view_batch_size < 1:
             raise ValueError(f"view_batch_size must be ≥ 1, got {view_batch_size}")
         if stride < 1 or stride > window:
-            raise ValueError(f"stride must be in 1..{window} latents (the window), got {stride}")
+            raise ValueError(f"stride must be in 1..{window} latents (the window, base size / 8), got {stride}; "
+                             f"for a {base} px base use e.g. stride={max(window // 2, 1)}")
 
         opts = dict(local_paths=local_paths, dilated_sampling=dilated_sampling, dilated_blur=dilated_blur,
                     view_jitter=view_jitter, sigma=sigma, cosine_scale_2=cosine_scale_2,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from demofusion.schedulers.config import SDXL_BASE_CONFIG
 from tests.helpers import max_rel_err, seeded_init_
 
 ENV = "DEMOFUSION_REFERENCE"
@@ -38,25 +39,6 @@ BASE = SAMPLE_SIZE * 8
 TEXT_HIDDEN = 32
 VOCAB = 1000
 BOS, EOS = 512, 513
-
-# The scheduler config SDXL base 1.0 ships (scheduler/scheduler_config.json), spelled out here.
-SDXL_EULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 
 
 def reference_path() -> Path | None:
@@ -164,7 +146,7 @@ def tiny_components(seed: int = 0) -> dict:
         seeded_init_(m, seed=seed + i)
         m.eval().requires_grad_(False)
     # SDXL's VAE config asks for fp32 decoding; the reference honours it only in fp16.
-    mods["scheduler"] = EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG)
+    mods["scheduler"] = EulerDiscreteScheduler.from_config(SDXL_BASE_CONFIG)
     return mods
 
 
@@ -322,11 +304,15 @@ def run_ours(folder, *, prompt, height, width, num_inference_steps, guidance_sca
     return dict(steps=steps, latents=list(out.latents), pil=list(out.images))
 
 
-def pil_max_diff(a, b) -> int:
-    """Largest per-pixel difference (0..255) between two PIL images of the same size."""
+def pil_max_diff(a, b, crop: bool = False) -> int:
+    """Largest per-pixel difference (0..255) between two PIL images of the same size
+    (``crop=True``: over the top-left region both have)."""
     import numpy as np
 
     a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    if crop:
+        h, w = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+        a, b = a[:h, :w], b[:h, :w]
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a - b).max())
 
@@ -385,3 +371,65 @@ def first_divergence(got: list, want: list, tol: float = 1e-4):
     if len(got) != len(want):
         return min(len(got), len(want)), "count", float("inf"), (len(got), len(want))
     return None
+
+
+# ---------------------------------------------------------------- report ------------------------
+def report(height: int = 3 * BASE, width: int = 3 * BASE, steps: int = 4) -> None:
+    """Print the per-phase errors docs/parity-reference.md quotes.
+
+    ``DEMOFUSION_REFERENCE=/path/to/pipeline_demofusion_sdxl.py python -m tests.helpers.reference``
+    """
+    import tempfile
+
+    path = reference_path()
+    if path is None:
+        raise SystemExit(f"set ${ENV} to the reference file (docs/parity-reference.md)")
+    cfg = dict(prompt="a cat", height=height, width=width, num_inference_steps=steps,
+               guidance_scale=7.5, stride=8, sigma=0.8, cosine_scale_1=3.0, cosine_scale_2=1.0,
+               cosine_scale_3=1.0, multi_decoder=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        comps = tiny_components(seed=0)
+        save_folder(comps, tmp)
+        mod = load_reference(path)
+        ref = build_reference_pipeline(mod, comps, tmp)
+        lat, ups = noises(height, width, seed=1)
+        run = dict(latents=lat, upscale_noise=ups)
+
+        def phase_errs(got, want):
+            return ["%.1e" % max(max_rel_err(g, w) for g, w in zip(gp, wp))
+                    if gp[0].shape == wp[0].shape else f"shapes {tuple(gp[0].shape)} vs {tuple(wp[0].shape)}"
+                    for gp, wp in zip(got["steps"], want["steps"])]
+
+        def image_diffs(got, want):
+            return [pil_max_diff(g, w) if g.size == w.size else f"sizes {g.size} vs {w.size}"
+                    for g, w in zip(got["pil"], want["pil"])]
+
+        print(f"tiny SDXL-like components, fp32 CPU, {height}x{width} px, {steps} steps, CFG 7.5")
+        print("max over steps of max|ours - ref| / max|ref|, per phase:")
+        want = {}
+        for vb in (4, 16):
+            want[vb] = run_reference(mod, ref, view_batch_size=vb, **run, **cfg)
+            got = run_ours(tmp, view_batch_size=vb, reference_compat=True, **run, **cfg)
+            print(f"  reference_compat=True, view_batch_size={vb:2d}: {phase_errs(got, want[vb])}"
+                  f"  images max diff (/255): {image_diffs(got, want[vb])}")
+        print(f"  reference vb=4 vs vb=16 (its batch dependence): {phase_errs(want[4], want[16])}")
+        if height != width:
+            print("  (default mode has its own phase sizes for non-square targets: not comparable)")
+            return
+        fixed = run_reference(mod, ref, view_batch_size=4, fixed_scaling=True, **run, **cfg)
+        got = run_ours(tmp, view_batch_size=4, reference_compat=False, **run, **cfg)
+        print(f"  default mode vs reference with corrected scaling: {phase_errs(got, fixed)}")
+        print(f"  default mode vs reference as is (vb=4): {phase_errs(got, want[4])}")
+        rms = ["%.3f" % rel_rms(g[-1], w[-1]) for g, w in zip(got["steps"], want[4]["steps"])]
+        print(f"  ... as relative RMS of each phase's last latents: {rms}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=report.__doc__.splitlines()[0])
+    ap.add_argument("--height", type=int, default=3 * BASE)
+    ap.add_argument("--width", type=int, default=3 * BASE)
+    ap.add_argument("--steps", type=int, default=4)
+    a = ap.parse_args()
+    report(a.height, a.width, a.steps)
