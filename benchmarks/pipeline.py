@@ -2,6 +2,11 @@
 
     python benchmarks/pipeline.py --model tiny --height 768 --width 768 --steps 8
     python benchmarks/pipeline.py --count-only --height 4096 --width 4096 --steps 50
+    python benchmarks/pipeline.py --model random:sdxl-base --device cuda --dtype fp16 --height 2048 --width 2048 --steps 50
+
+``--model``: a weights path, ``tiny``, or ``random:sdxl-base`` / ``random:sdxl-turbo`` (the real
+networks with seeded random weights: real shapes and cost, noise images, no download).
+``--compile MODE`` compiles the UNet and runs the job once untimed first (``--warmup``).
 
 ``--count-only`` prints the analytic work of a real SDXL run (single-sample 128² UNet
 evaluations per phase × 6.76e12 FLOPs each, DESIGN.md §5) without running anything. With a
@@ -20,6 +25,7 @@ from demofusion.ops import view_starts
 from demofusion.pipeline import phase_sizes
 
 SDXL_FLOPS_128 = 6.76e12  # one UNet forward, batch 1, 128² latent (DESIGN.md §5)
+SDXL_FLOPS = {128: SDXL_FLOPS_128, 64: 1.59e12, 32: 4.28e11}  # by window (latent side)
 
 
 def evaluations_per_phase(height, width, base=1024, steps=50, stride=64, guidance=True):
@@ -49,39 +55,57 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--count-only", action="store_true")
-    ap.add_argument("--flops-per-eval", type=float, default=SDXL_FLOPS_128)
+    ap.add_argument("--flops-per-eval", type=float, default=None,
+                    help="FLOPs of one single-sample window evaluation (default: SDXL's, for the SDXL UNet only)")
+    ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile the UNet: default, reduce-overhead, max-autotune")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 with --compile, else 0)")
     a = ap.parse_args(argv)
 
     if a.count_only:
         ev = evaluations_per_phase(a.height, a.width, 1024, a.steps, a.stride or 64, a.guidance > 1)
         print(f"{a.height}×{a.width}, {a.steps} steps: single-sample 128² UNet evaluations per phase {ev} "
-              f"= {sum(ev):,} ≈ {sum(ev) * a.flops_per_eval:.2e} FLOPs")
+              f"= {sum(ev):,} ≈ {sum(ev) * (a.flops_per_eval or SDXL_FLOPS_128):.2e} FLOPs")
         return
 
     from demofusion import DemoFusionPipeline
     from demofusion.weights import parse_dtype
 
-    pipe = DemoFusionPipeline.from_pretrained(a.model, device=a.device, dtype=parse_dtype(a.dtype))
+    dtype = parse_dtype(a.dtype)
+    if a.model.startswith("random:"):
+        from demofusion.presets import random_components
+
+        pipe = DemoFusionPipeline(*random_components(a.model.split(":", 1)[1], device=a.device, dtype=dtype), name=a.model)
+    else:
+        pipe = DemoFusionPipeline.from_pretrained(a.model, device=a.device, dtype=dtype)
+    if a.compile:
+        pipe.compile(mode=None if a.compile == "default" else a.compile)
     window = pipe.base_size // 8
     stride = a.stride or (64 if window >= 128 else window // 2)
+    job = dict(prompt="a lighthouse at dawn", height=a.height, width=a.width, num_inference_steps=a.steps,
+               guidance_scale=a.guidance, stride=stride, view_batch_size=a.view_batch_size, seed=0,
+               offload_text_encoders=False)
+    for _ in range(a.warmup if a.warmup is not None else int(bool(a.compile))):
+        pipe(**job)
     if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    out = pipe("a lighthouse at dawn", height=a.height, width=a.width, num_inference_steps=a.steps,
-               guidance_scale=a.guidance, stride=stride, view_batch_size=a.view_batch_size, seed=0)
+    out = pipe(**job)
     total = time.perf_counter() - t0
     ev = evaluations_per_phase(a.height, a.width, pipe.base_size, a.steps, stride, a.guidance > 1)
-    print(f"model={a.model} {a.height}×{a.width} steps={a.steps} stride={stride} "
-          f"view_batch_size={a.view_batch_size} device={a.device} dtype={a.dtype}")
-    print("| phase | size | UNet calls | single-sample evaluations | seconds |")
-    print("|---|---|---|---|---|")
+    print(f"model={a.model} {a.height}×{a.width} steps={a.steps} stride={stride} view_batch_size={a.view_batch_size} "
+          f"device={a.device} dtype={a.dtype} compile={a.compile}")
+    is_sdxl = sum(p.numel() for p in pipe.unet.parameters()) > 2e9
+    fpe = a.flops_per_eval or (SDXL_FLOPS.get(window) if is_sdxl else None)
+    tflops = (lambda e, sec: f"{e * fpe / sec / 1e12:.1f}") if fpe else (lambda e, sec: "—")
+    print("| phase | size | UNet calls | single-sample evaluations | seconds | TFLOP/s (counted) |")
+    print("|---|---|---|---|---|---|")
     for k, (size, calls, e, sec) in enumerate(zip(out.phase_sizes, out.unet_calls, ev, out.timings), 1):
-        print(f"| {k} | {size[0]}×{size[1]} | {calls} | {e} | {sec:.2f} |")
-    print(f"total {total:.2f} s")
+        print(f"| {k} | {size[0]}×{size[1]} | {calls} | {e} | {sec:.2f} | {tflops(e, sec)} |")
+    print(f"total {total:.2f} s (text encoding and decoding included)"
+          + (f"; {tflops(sum(ev), total)} TFLOP/s from counted UNet FLOPs ({fpe:.3g} per evaluation)" if fpe else ""))
     if a.device.startswith("cuda"):
-        flops = sum(ev) * a.flops_per_eval
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
-              f"{flops / total / 1e12:.1f} TFLOP/s from counted UNet FLOPs")
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ def _add_generation_args(p: argparse.ArgumentParser, defaults: bool = True) -> N
     p.add_argument("--model", default=d("tiny"), help="a path, or a preset: tiny, sdxl-base, sdxl-turbo")
     p.add_argument("--device", default=d("cpu"))
     p.add_argument("--dtype", default=d("float32"), help="float32, float16 or bfloat16")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the UNet (MODE: default, reduce-overhead = CUDA graphs, max-autotune); "
+                        "compiling takes minutes, then each step is faster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +126,7 @@ def _check_size(h: int, w: int) -> None:
             raise CLIError(f"--{name} {v} is not a multiple of 8; use {v // 8 * 8} or {-(-v // 8) * 8}")
 
 
-def load_pipeline(model: str, device: str, dtype: str):
+def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None = None):
     import torch
 
     from .pipeline import DemoFusionPipeline
@@ -137,12 +140,15 @@ def load_pipeline(model: str, device: str, dtype: str):
     if dt != torch.float32 and device == "cpu":
         print(f"note: {dtype} on CPU is slow and not always supported; float32 is the CPU default", file=sys.stderr)
     try:
-        return DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt)
+        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt)
     except (WeightsError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0]
         if "demofusion download" not in msg:
             msg += " — get weights with `demofusion download sdxl-base --dir weights/`"
         raise CLIError(msg) from e
+    if compile_mode is not None:
+        pipe.compile(mode=None if compile_mode == "default" else compile_mode)
+    return pipe
 
 
 def model_fingerprint(pipe, model: str) -> str:
@@ -266,7 +272,7 @@ def cmd_generate(args) -> int:
     _check_size(params["height"], params["width"])
     _check_device(params["device"])
     t0 = time.perf_counter()
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"])
+    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile)
     if params["model"] == "tiny":
         print(TINY_NOTE)
     fp = model_fingerprint(pipe, params["model"])
@@ -352,7 +358,7 @@ def cmd_ablate(args) -> int:
     if unknown:
         raise CLIError(f"--grid: unknown cell(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
     cells = [(n, ABLATIONS[n]) for n in names] + _parse_sweeps(args.sweep)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.compile)
     if args.model == "tiny":
         print(TINY_NOTE)
     params["stride"] = params.get("stride") or pipe.base_size // 16

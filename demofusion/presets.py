@@ -1,4 +1,4 @@
-"""The ``tiny`` preset: random-weight SDXL-shaped components built offline in a second.
+"""Random-weight components built offline: the ``tiny`` preset, and real-shaped ones for benchmarks.
 
 Everything about it is real code (UNet, VAE, text encoders, byte-level CLIP tokenizer, Euler
 scheduler); only the weights are seeded noise, so its images are noise too.
@@ -27,13 +27,39 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_components(seed: int = 0, device="cpu", dtype=torch.float32):
     """(unet, vae, text, scheduler) of the ``tiny`` preset (UNet sample_size 32 → 256-px base)."""
-    from .schedulers import SDXL_BASE_CONFIG, EulerDiscreteScheduler
-    from .text import TextEncoders
+    return random_components("tiny", seed, device, dtype)
+
+
+# kind -> (UNet preset, VAE preset, text presets, scheduler config name)
+_KINDS = {
+    "tiny": ("tiny", "tiny", ("tiny-l", "tiny-g"), "SDXL_BASE_CONFIG"),
+    "sdxl-base": ("sdxl-base", "sdxl", ("clip-l", "bigg"), "SDXL_BASE_CONFIG"),
+    "sdxl-turbo": ("sdxl-turbo", "sdxl", ("clip-l", "bigg"), "SDXL_TURBO_CONFIG"),
+}
+
+
+def random_components(kind: str = "tiny", seed: int = 0, device="cpu", dtype=torch.float32):
+    """(unet, vae, text, scheduler) with seeded random weights in the shapes of ``kind``.
+
+    ``tiny`` is the offline demo; ``sdxl-base`` / ``sdxl-turbo`` are the real networks (2.57 B
+    UNet parameters) for benchmarks where only the shapes matter. Tokenizers are byte-level.
+    """
+    from . import schedulers
+    from .text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TextEncoders
+    from .text.tokenizer import EOT
     from .unet import UNet, UNetConfig
     from .vae import AutoencoderKL, VAEConfig
 
-    unet = random_init_(UNet(UNetConfig.preset("tiny")), seed).eval().requires_grad_(False)
-    vae = random_init_(AutoencoderKL(VAEConfig.preset("tiny")), seed + 1).eval().requires_grad_(False)
-    text = TextEncoders.preset("tiny", seed=seed + 2)
-    sched = EulerDiscreteScheduler.from_config(SDXL_BASE_CONFIG)
-    return unet.to(device, dtype), vae.to(device, dtype), text.to(device, dtype), sched
+    if kind not in _KINDS:
+        raise ValueError(f"unknown random preset {kind!r}; choose one of {sorted(_KINDS)}")
+    unet_name, vae_name, (l_name, g_name), sched_name = _KINDS[kind]
+
+    def build(module, k):  # initialise in fp32 one module at a time, then cast and move
+        return random_init_(module, seed + k).eval().requires_grad_(False).to(device, dtype)
+
+    unet = build(UNet(UNetConfig.preset(unet_name)), 0)
+    vae = build(AutoencoderKL(VAEConfig.preset(vae_name)), 1)
+    enc1, enc2 = build(CLIPTextModel(CLIPTextConfig.preset(l_name)), 2), build(CLIPTextModel(CLIPTextConfig.preset(g_name)), 3)
+    text = TextEncoders(CLIPTokenizer.byte_level(pad_token=EOT), enc1, CLIPTokenizer.byte_level(pad_token="!"), enc2)
+    sched = schedulers.EulerDiscreteScheduler if kind != "sdxl-turbo" else schedulers.EulerAncestralDiscreteScheduler
+    return unet, vae, text, sched.from_config(getattr(schedulers, sched_name))

@@ -163,3 +163,15 @@ def test_resume_after_ctrl_c_in_phase_3(full_run, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(DemoFusionPipeline, "_decode", decode)
     assert main(["generate", "--resume", str(tmp_path), "--no-progress"]) == 0
     assert np.array_equal(pixels(tmp_path / "phase_3.png"), pixels(full_run / "phase_3.png"))
+
+
+def test_compile_flag_compiles_the_unet(tmp_path, monkeypatch):
+    from demofusion.pipeline import DemoFusionPipeline
+
+    modes = []
+    monkeypatch.setattr(DemoFusionPipeline, "compile", lambda self, mode=None, **k: modes.append(mode) or self)
+    for flag, want in ((["--compile"], None), (["--compile", "reduce-overhead"], "reduce-overhead"), ([], "none")):
+        assert main(["generate", "--model", "tiny", "--height", "256", "--width", "256", "--steps", "1",
+                     "--no-progress", "--out", str(tmp_path / str(len(modes))), *flag]) == 0
+        assert (modes[-1] if flag else "none") == want
+    assert len(modes) == 2

@@ -182,3 +182,27 @@ def test_from_pretrained_missing_weights_says_how_to_download(tmp_path):
         DemoFusionPipeline.from_pretrained(tmp_path / "nothing-here")
     with pytest.raises(FileNotFoundError, match="demofusion download sdxl-base"):
         DemoFusionPipeline.from_pretrained("sdxl-base")
+
+
+def test_compiled_unet_gives_the_same_result(tmp_path):
+    # aot_eager traces and runs the captured graph without generating kernels: the graph capture is
+    # what is tested here (inductor kernels take minutes to build on CPU; docs/pipeline.md).
+    eager = small_pipeline("sdxl")
+    want, _ = run(eager)
+    compiled = small_pipeline("sdxl").compile(backend="aot_eager")
+    assert compiled.unet._compiled_call_impl is not None
+    torch._dynamo.utils.counters.clear()
+    got, _ = run(compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the UNet really went through dynamo
+    assert all(torch.equal(g, w) for g, w in zip(got.latents, want.latents))
+    assert set(compiled.unet.state_dict()) == set(eager.unet.state_dict())  # no _orig_mod. prefixes
+    compiled.save_pretrained(tmp_path)
+
+
+def test_random_components_kinds():
+    from demofusion.presets import random_components, tiny_components
+
+    a, b = tiny_components(seed=3), random_components("tiny", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a[0].state_dict().values(), b[0].state_dict().values()))
+    with pytest.raises(ValueError, match="unknown random preset 'sdxl'.*sdxl-base"):
+        random_components("sdxl")

@@ -149,6 +149,18 @@ class DemoFusionPipeline:
             scheduler = from_config(scheduler)
         return cls(unet, vae, text, scheduler, name=str(path))
 
+    def compile(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None):
+        """``torch.compile`` the UNet in place (the only module on the hot path); returns self.
+
+        ``mode="reduce-overhead"`` adds CUDA graphs on a GPU, ``"max-autotune"`` tunes kernels.
+        The first call of each new input shape compiles (minutes for SDXL); the views of a phase
+        share one shape, so a generation compiles a few times, then runs faster. Results equal
+        eager ones up to float reordering. Weights, ``state_dict`` and ``save_pretrained`` are
+        unchanged.
+        """
+        self.unet.compile(mode=mode, backend=backend, dynamic=dynamic)
+        return self
+
     def save_pretrained(self, folder) -> Path:
         """Write the diffusers folder layout (safetensors + config.json per component, tokenizers,
         scheduler config, model_index.json) — loadable by ``from_pretrained`` and by diffusers."""
