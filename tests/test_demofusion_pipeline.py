@@ -206,3 +206,22 @@ def test_random_components_kinds():
     assert all(torch.equal(x, y) for x, y in zip(a[0].state_dict().values(), b[0].state_dict().values()))
     with pytest.raises(ValueError, match="unknown random preset 'sdxl'.*sdxl-base"):
         random_components("sdxl")
+
+
+def test_explicit_phase_sizes(pipe):
+    default, _ = run(pipe)
+    assert default.phase_sizes == [(128, 128), (256, 256), (384, 384)]
+    same_sizes, _ = run(pipe, phase_sizes=default.phase_sizes)
+    assert all(torch.equal(a, b) for a, b in zip(same_sizes.latents, default.latents))
+    # two phases straight to the target: phase 2 dilates by 2 (not 3) and denoises a 48² latent
+    two, _ = run(pipe, phase_sizes=[(128, 128), (384, 384)])
+    assert two.phase_sizes == [(128, 128), (384, 384)] and two.latents[-1].shape[-2:] == (48, 48)
+    assert torch.equal(two.latents[0], default.latents[0])
+    for bad, msg in (([(128, 128), (256, 256)], "end with the target"), ([(132, 128), (384, 384)], "multiple of 8"),
+                     ([(256, 256), (128, 128), (384, 384)], "must not shrink")):
+        with pytest.raises(ValueError, match=msg):
+            run(pipe, phase_sizes=bad)
+    with pytest.raises(ValueError, match="phases=2 but phase_sizes has 3"):
+        run(pipe, phase_sizes=default.phase_sizes, phases=2)
+    with pytest.raises(ValueError, match="reference_compat"):
+        run(pipe, phase_sizes=default.phase_sizes, reference_compat=True)

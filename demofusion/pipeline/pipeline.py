@@ -253,6 +253,7 @@ class DemoFusionPipeline:
         negative_prompt_2=None,
         base_size: int | None = None,
         phases: int | None = None,
+        phase_sizes: list | None = None,
         skip_residual: bool = True,
         local_paths: bool = True,
         dilated_sampling: bool = True,
@@ -275,6 +276,8 @@ class DemoFusionPipeline:
         ``resume_latents``: latents of phases already finished (phase 1 first); those phases are
         skipped and the result equals an uninterrupted run's.
         ``output_type="latent"`` skips decoding (``images`` are None). ``progress``: a tqdm bar per phase.
+        ``phase_sizes``: explicit (h, w) pixel size of every phase, the last (height, width); phase k
+        (1-based) then dilates by k, as in the default schedule.
         """
         mech = self.mechanisms
         base = base_size or self.base_size
@@ -296,7 +299,10 @@ class DemoFusionPipeline:
         opts = dict(local_paths=local_paths, dilated_sampling=dilated_sampling, dilated_blur=dilated_blur,
                     view_jitter=view_jitter, sigma=sigma, cosine_scale_2=cosine_scale_2,
                     cosine_scale_3=cosine_scale_3, reference_compat=reference_compat)
-        sizes = self._phase_sizes(height, width, base, phases, reference_compat)
+        if phase_sizes is not None:
+            sizes = _check_phase_sizes(phase_sizes, height, width, phases, reference_compat)
+        else:
+            sizes = self._phase_sizes(height, width, base, phases, reference_compat)
         S = len(sizes)
         root = torch.Generator().manual_seed(int(seed))
         phase_gens = [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (S,), generator=root)]
@@ -485,3 +491,20 @@ class DemoFusionPipeline:
             return decode_tiled(self.vae, z)
         return self.vae.decode(z)
 
+
+
+def _check_phase_sizes(phase_sizes, height, width, phases, reference_compat) -> list[tuple[int, int]]:
+    """Explicit phase sizes, validated: multiples of 8, growing, ending at (height, width)."""
+    if reference_compat:
+        raise ValueError("phase_sizes= cannot be combined with reference_compat=True (the reference fixes its sizes)")
+    sizes = [(int(h), int(w)) for h, w in phase_sizes]
+    if phases is not None and phases != len(sizes):
+        raise ValueError(f"phases={phases} but phase_sizes has {len(sizes)} entries; give one of them")
+    if not sizes or sizes[-1] != (height, width):
+        raise ValueError(f"phase_sizes must end with the target (height, width) = ({height}, {width}), got {sizes}")
+    for k, (h, w) in enumerate(sizes, start=1):
+        if h % 8 or w % 8 or h < 8 or w < 8:
+            raise ValueError(f"phase_sizes[{k - 1}] = ({h}, {w}): each side must be a positive multiple of 8")
+        if k > 1 and (h < sizes[k - 2][0] or w < sizes[k - 2][1]):
+            raise ValueError(f"phase_sizes must not shrink: phase {k} ({h}, {w}) < phase {k - 1} {sizes[k - 2]}")
+    return sizes
