@@ -310,9 +310,12 @@ class DemoFusionPipeline:
         # -- conditioning --------------------------------------------------------------------
         cfg = guidance_scale > 1.0
         dev, dt = self.device, self.unet.dtype
+        offload = offload_text_encoders and dev.type != "cpu"
+        if offload:  # encoders live on the CPU between calls; encode on the accelerator
+            self.text.to(dev)
         embeds, neg_embeds, pooled, neg_pooled = self.text.encode_with_negative(
             prompt, negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, guidance=cfg)
-        if offload_text_encoders and dev.type != "cpu":
+        if offload:
             self.text.to("cpu")
         B = embeds.shape[0]
         ctx = dict(batch=B, cfg=cfg, guidance_scale=guidance_scale, view_batch_size=view_batch_size, unet_calls=0,
