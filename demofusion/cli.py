@@ -41,6 +41,17 @@ class CLIError(Exception):
 
 
 # ---- arguments ------------------------------------------------------------------------------
+def _phase_sizes_arg(text: str) -> list[list[int]]:
+    """``"1024x1024,2048x2048"`` → [[1024, 1024], [2048, 2048]] (height × width, px)."""
+    try:
+        sizes = [[int(v) for v in part.lower().split("x")] for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = None
+    if not sizes or any(len(hw) != 2 for hw in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give HEIGHTxWIDTH pairs separated by commas, e.g. 1024x1024,2048x2048")
+    return sizes
+
+
 def _add_generation_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
     p.add_argument("--prompt", default=d("a photo of a lighthouse at dawn, highly detailed"))
@@ -51,6 +62,8 @@ def _add_generation_args(p: argparse.ArgumentParser, defaults: bool = True) -> N
     p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float, default=d(7.5))
     p.add_argument("--seed", type=int, default=d(0))
     p.add_argument("--phases", type=int, default=None, help="number of phases (default: from the size)")
+    p.add_argument("--phase-sizes", dest="phase_sizes", type=_phase_sizes_arg, default=None, metavar="HxW,HxW,...",
+                   help="explicit size of every phase, ending with --height x --width (default: from the size)")
     for name, typ, default, help_ in KNOBS:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=d(default), help=f"{help_} (default {default})")
     for name, help_ in SWITCHES:
@@ -183,7 +196,8 @@ def _warn_long_prompt(pipe, params: dict) -> None:
 
 
 def _pipe_kwargs(params: dict) -> dict:
-    keys = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed", "phases"]
+    keys = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed", "phases",
+            "phase_sizes"]
     keys += [k for k, *_ in KNOBS] + [k for k, _ in SWITCHES]
     return {k: params[k] for k in keys if k in params}
 

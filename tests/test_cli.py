@@ -175,3 +175,21 @@ def test_compile_flag_compiles_the_unet(tmp_path, monkeypatch):
                      "--no-progress", "--out", str(tmp_path / str(len(modes))), *flag]) == 0
         assert (modes[-1] if flag else "none") == want
     assert len(modes) == 2
+
+
+def test_phase_sizes_flag(tmp_path, capsys):
+    out = tmp_path / "three"
+    assert main(["generate", "--model", "tiny", "--height", "512", "--width", "512", "--steps", "1", "--no-progress",
+                 "--phase-sizes", "256x256,384x384,512x512", "--out", str(out)]) == 0
+    assert [Image.open(out / f"phase_{k}.png").size for k in (1, 2, 3)] == [(256, 256), (384, 384), (512, 512)]
+    assert read_png_params(out / "phase_3.png")["phase_sizes"] == [[256, 256], [384, 384], [512, 512]]
+    # the image carries its schedule: --from-image reproduces it
+    again = tmp_path / "again"
+    assert main(["generate", "--from-image", str(out / "phase_3.png"), "--no-progress", "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again / "phase_3.png"), pixels(out / "phase_3.png"))
+    line = err(capsys, ["generate", "--model", "tiny", "--height", "512", "--width", "512", "--phase-sizes", "256x256,384x384",
+                        "--out", str(tmp_path / "bad")])
+    assert "end with the target" in line
+    with pytest.raises(SystemExit):
+        main(["generate", "--phase-sizes", "256by256"])
+    assert "HEIGHTxWIDTH pairs" in capsys.readouterr().err
