@@ -495,7 +495,6 @@ class DemoFusionPipeline:
         return self.vae.decode(z)
 
 
-
 def _check_phase_sizes(phase_sizes, height, width, phases, reference_compat) -> list[tuple[int, int]]:
     """Explicit phase sizes, validated: multiples of 8, growing, ending at (height, width)."""
     if reference_compat:
