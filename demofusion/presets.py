@@ -30,11 +30,11 @@ def tiny_components(seed: int = 0, device="cpu", dtype=torch.float32):
     return random_components("tiny", seed, device, dtype)
 
 
-# kind -> (UNet preset, VAE preset, text encoder presets)
+# kind -> (UNet preset, VAE preset, text preset)
 _KINDS = {
-    "tiny": ("tiny", "tiny", ("tiny-l", "tiny-g")),
-    "sdxl-base": ("sdxl-base", "sdxl", ("clip-l", "bigg")),
-    "sdxl-turbo": ("sdxl-turbo", "sdxl", ("clip-l", "bigg")),
+    "tiny": ("tiny", "tiny", "tiny"),
+    "sdxl-base": ("sdxl-base", "sdxl", "sdxl"),
+    "sdxl-turbo": ("sdxl-turbo", "sdxl", "sdxl"),
 }
 
 
@@ -45,20 +45,18 @@ def random_components(kind: str = "tiny", seed: int = 0, device="cpu", dtype=tor
     UNet parameters) for benchmarks where only the shapes matter. Tokenizers are byte-level.
     """
     from .schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
-    from .text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TextEncoders
-    from .text.tokenizer import EOT
+    from .text import TextEncoders
     from .unet import UNet, UNetConfig
     from .vae import AutoencoderKL, VAEConfig
 
     if kind not in _KINDS:
         raise ValueError(f"unknown random preset {kind!r}; choose one of {sorted(_KINDS)}")
-    unet_name, vae_name, (l_name, g_name) = _KINDS[kind]
+    unet_name, vae_name, text_name = _KINDS[kind]
 
     def build(module, k):  # initialise in fp32 one module at a time, then cast and move
         return random_init_(module, seed + k).eval().requires_grad_(False).to(device, dtype)
 
     unet = build(UNet(UNetConfig.preset(unet_name)), 0)
     vae = build(AutoencoderKL(VAEConfig.preset(vae_name)), 1)
-    enc1, enc2 = build(CLIPTextModel(CLIPTextConfig.preset(l_name)), 2), build(CLIPTextModel(CLIPTextConfig.preset(g_name)), 3)
-    text = TextEncoders(CLIPTokenizer.byte_level(pad_token=EOT), enc1, CLIPTokenizer.byte_level(pad_token="!"), enc2)
+    text = TextEncoders.preset(text_name, seed=seed + 2, dtype=dtype, device=device)
     return unet, vae, text, from_config(SDXL_TURBO_CONFIG if kind == "sdxl-turbo" else SDXL_BASE_CONFIG)

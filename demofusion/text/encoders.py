@@ -152,17 +152,16 @@ class TextEncoders:
 
     @classmethod
     def preset(cls, name: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu") -> "TextEncoders":
-        """Random-weight encoders with byte-level tokenizers, built offline (``"tiny"`` only)."""
-        if name != "tiny":
-            raise ValueError(f"unknown text preset {name!r}; only 'tiny' is built offline")
-        enc1, enc2 = CLIPTextModel(CLIPTextConfig.preset("tiny-l")), CLIPTextModel(CLIPTextConfig.preset("tiny-g"))
+        """Random-weight encoders with byte-level tokenizers, built offline: ``"tiny"``, or
+        ``"sdxl"`` (CLIP ViT-L + bigG at their real sizes, for benchmarks)."""
         from ..presets import random_init_
 
-        random_init_(enc1, seed)
-        random_init_(enc2, seed + 1)
-        tok1, tok2 = CLIPTokenizer.byte_level(pad_token=EOT), CLIPTokenizer.byte_level(pad_token="!")
-        out = cls(tok1, enc1.eval().requires_grad_(False), tok2, enc2.eval().requires_grad_(False))
-        return out.to(device, dtype)
+        presets = {"tiny": ("tiny-l", "tiny-g"), "sdxl": ("clip-l", "bigg")}
+        if name not in presets:
+            raise ValueError(f"unknown text preset {name!r}; choose one of {sorted(presets)}")
+        encoders = [random_init_(CLIPTextModel(CLIPTextConfig.preset(n)), seed + i).eval().requires_grad_(False).to(device, dtype)
+                    for i, n in enumerate(presets[name])]  # initialised in fp32 one at a time, then cast and moved
+        return cls(CLIPTokenizer.byte_level(pad_token=EOT), encoders[0], CLIPTokenizer.byte_level(pad_token="!"), encoders[1])
 
     def save(self, folder) -> Path:
         """Write the diffusers layout: ``text_encoder{,_2}/`` (config.json, model.safetensors with
