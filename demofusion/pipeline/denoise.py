@@ -1,0 +1,102 @@
+"""One denoising step of a stack of views: guided UNet calls in batches, then the scheduler step.
+
+:class:`Denoiser` holds what every UNet call of a run shares (the text conditioning, the
+micro-conditioning, the guidance scale, the batch size); :func:`upscale_step` is one step of an
+upscaling phase — local and global paths from the same z, denoised together, fused (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mechanisms import Views
+from .settings import Settings
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings and micro-conditioning on the UNet's device and dtype."""
+
+    embeds: torch.Tensor  # [B,77,2048]
+    pooled: torch.Tensor  # [B,1280]
+    neg_embeds: torch.Tensor | None  # None without classifier-free guidance
+    neg_pooled: torch.Tensor | None
+    time_ids: torch.Tensor  # [1,6]: (orig h, orig w, crop top, crop left, target h, target w)
+
+
+@dataclass
+class Denoiser:
+    unet: torch.nn.Module
+    scheduler: object
+    cond: Conditioning
+    batch: int
+    view_batch_size: int
+    guidance_scale: float
+    calls: int = 0  # UNet forward calls so far
+
+    @property
+    def cfg(self) -> bool:
+        return self.cond.neg_embeds is not None
+
+    def __call__(self, to_step, model_in, crops, t, noise, scale_index):
+        """Guided UNet calls on ``model_in`` in chunks of ``view_batch_size`` views, then one
+        scheduler step per chunk from ``to_step``. ``scale_index(k)``: the σ index used to scale
+        chunk k's input (None: σ of t, the correct one)."""
+        B, c, sched = self.batch, self.cond, self.scheduler
+        chunk = self.view_batch_size * B
+        out = []
+        for k, a in enumerate(range(0, to_step.shape[0], chunk)):
+            x, src = model_in[a : a + chunk], to_step[a : a + chunk]
+            idx = scale_index(k)
+            x = sched.scale_model_input(x, t) if idx is None else sched.scale_model_input_at(x, idx)
+            views = x.shape[0] // B
+            emb, pooled = c.embeds.repeat(views, 1, 1), c.pooled.repeat(views, 1)
+            time_ids = c.time_ids.repeat(x.shape[0], 1)
+            time_ids[:, 2:4] = crops[a : a + chunk].to(time_ids)
+            if self.cfg:
+                x = x.repeat_interleave(2, 0)
+                emb = torch.stack([c.neg_embeds.repeat(views, 1, 1), emb], 1).flatten(0, 1)
+                pooled = torch.stack([c.neg_pooled.repeat(views, 1), pooled], 1).flatten(0, 1)
+                time_ids = time_ids.repeat_interleave(2, 0)
+            eps = self.unet(x.to(self.unet.dtype), t, emb, pooled, time_ids).to(src.dtype)
+            self.calls += 1
+            if self.cfg:
+                uncond, cond = eps[0::2], eps[1::2]
+                eps = uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
+            out.append(sched.step(eps, t, src, noise=None if noise is None else noise[a : a + chunk]))
+        return torch.cat(out)
+
+    def paths(self, paths: list[Views], noise, t, compat: bool, scale_index):
+        """Denoise every path's views: all in shared UNet batches when their shapes agree
+        (default), or path after path as the reference batches them (``compat``)."""
+        noises = [None if noise is None else v.take(noise) for v in paths]
+        if not compat and all(v.to_step.shape[1:] == paths[0].to_step.shape[1:] for v in paths):
+            cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
+            stepped = self(cat([v.to_step for v in paths]), cat([v.model_in for v in paths]),
+                           cat([v.crops for v in paths]), t, None if noise is None else cat(noises), scale_index)
+            return stepped.split([v.to_step.shape[0] for v in paths])
+        out, first_chunk = [], 0
+        chunk = self.view_batch_size * self.batch
+        for v, nz in zip(paths, noises):
+            out.append(self(v.to_step, v.model_in, v.crops, t, nz, lambda k, f=first_chunk: scale_index(f + k)))
+            first_chunk += -(-v.to_step.shape[0] // chunk)
+        return out
+
+
+def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, c, scale: int, jitter_g, noise_g, scale_index):
+    """One step of an upscaling phase at dilation ``scale``: local and global paths from the
+    same z, denoised together, fused by the cosine weight c^α2."""
+    paths = []
+    if s.local_paths:
+        paths.append(mech.multidiffusion_views(z, s.window, s.stride, s.view_jitter, jitter_g))
+    if s.dilated_sampling:
+        std = mech.dilation_blur_std(c, s.sigma, s.cosine_scale_3) if s.blur else None
+        paths.append(mech.dilated_views(z, scale, std, exact_stats=not s.reference_compat))
+    noise = torch.randn(z.shape, generator=noise_g).to(z.device) if noise_g is not None else None
+    stepped = denoise.paths(paths, noise, t, s.reference_compat, scale_index)
+    merged = [v.merge(x) for v, x in zip(paths, stepped)]
+    if len(merged) == 1:
+        return merged[0]
+    return mech.fuse(merged[0], merged[1], c, s.cosine_scale_2)

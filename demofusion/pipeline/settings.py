@@ -1,0 +1,333 @@
+"""Every argument of a DemoFusion run, checked once, up front: :func:`validate` → :class:`Settings`.
+
+The API (``pipe(...)``), the CLI (``generate``, every ``ablate`` cell before the first runs) and
+any front end call the same function, so a value means the same everywhere. Values with a
+meaning keep it (σ = 0: no blur; guidance ≤ 1: no classifier-free guidance); nonsense (wrong
+types, NaN/Inf, out-of-range numbers, absurd sizes) raises :class:`~demofusion.errors.InputError`
+with one line naming the argument and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from . import mechanisms as M
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+MAX_SIDE = 16384  # px; larger targets are refused unless force=True
+SWITCHES = ("multi_decoder", "view_jitter", "reference_compat", "skip_residual", "local_paths", "dilated_sampling",
+            "dilated_blur", "renormalise", "offload_text_encoders", "progress", "force")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated run: the call's arguments, normalised, plus the phase sizes they imply."""
+
+    prompt: list
+    negative_prompt: list | None
+    prompt_2: list | None
+    negative_prompt_2: list | None
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    view_batch_size: int
+    stride: int
+    cosine_scale_1: float
+    cosine_scale_2: float
+    cosine_scale_3: float
+    sigma: float
+    base_size: int
+    sizes: list  # (h, w) px of every phase, the last (height, width)
+    image: torch.Tensor | None  # img2img start [B,3,h1,w1] in [-1, 1]
+    latents: torch.Tensor | None
+    upscale_noise: list | None
+    resume_latents: list
+    output_type: str
+    callback: Callable | None
+    on_phase_end: Callable | None
+    preview_dir: Path | None
+    multi_decoder: bool = True
+    view_jitter: bool = True
+    reference_compat: bool = False
+    skip_residual: bool = True
+    local_paths: bool = True
+    dilated_sampling: bool = True
+    dilated_blur: bool = True
+    renormalise: bool = True
+    offload_text_encoders: bool = True
+    progress: bool = False
+    force: bool = False
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def phases(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def window(self) -> int:
+        """The UNet's native latent size (base size / 8): the side of a view."""
+        return self.base_size // 8
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance runs only for guidance_scale > 1 (as diffusers)."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def blur(self) -> bool:
+        """Blur before dilated sampling: switched on and σ > 0 (σ = 0 means no blur)."""
+        return self.dilated_blur and self.sigma > 0
+
+    @property
+    def first_upscale(self) -> int:
+        """Index of the first upscaling phase: 0 for img2img (the image replaces phase 1), else 1."""
+        return 0 if self.image is not None else 1
+
+    def unet_evaluations(self) -> list[int]:
+        """Single-view UNet forwards per phase (× 2 with guidance): the run's work."""
+        from ..ops import view_starts
+
+        out = []
+        for k, (h, w) in enumerate(self.sizes):
+            views = 1  # phase 1 of text-to-image: the whole latent in one view
+            if k >= self.first_upscale:
+                h, w, win, views = h // 8, w // 8, self.window, 0
+                if self.local_paths:
+                    views += len(view_starts(h, min(win, h), self.stride)) * len(view_starts(w, min(win, w), self.stride))
+                if self.dilated_sampling:
+                    views += (k + 1) ** 2
+            out.append(views * self.num_inference_steps * (2 if self.cfg else 1))
+        return out
+
+
+# ---- small checkers: each returns the normalised value or raises one line ----------------------
+def _type_name(v) -> str:
+    return type(v).__name__
+
+
+def check_int(name: str, v, lo: int | None = None, hi: int | None = None, hint: str = "") -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer():
+            v = int(v)  # 512.0 is 512
+        else:
+            raise InputError(f"{name} must be a whole number, got {_type_name(v)} {v!r}{hint}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f"≥ {lo}"
+        raise InputError(f"{name} must be {rng}, got {v}{hint}")
+    return v
+
+
+def check_float(name: str, v, lo: float | None = None, hi: float | None = None, hint: str = "") -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise InputError(f"{name} must be a number, got {_type_name(v)} {v!r}{hint}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise InputError(f"{name} must be a finite number, got {v}{hint}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}"
+        raise InputError(f"{name} must be {rng}, got {v}{hint}")
+    return v
+
+
+def check_bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise InputError(f"{name} must be True or False, got {_type_name(v)} {v!r}")
+    return v
+
+
+def check_prompts(name: str, v, batch: int | None, optional: bool) -> list | None:
+    """A string or a list of strings (one per image); ``batch`` fixes the list length."""
+    if v is None and optional:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(p, str) for p in v):
+        raise InputError(f"{name} must be a string or a non-empty list of strings, got {_type_name(v)} {v!r:.60}")
+    if batch is not None and len(v) not in (1, batch):
+        raise InputError(f"{name} has {len(v)} entries but prompt has {batch}; give one or {batch}")
+    return list(v) * (batch if batch is not None and len(v) == 1 else 1)
+
+
+def check_latent(name: str, z, shape: tuple) -> torch.Tensor:
+    """A finite float tensor of exactly ``shape``."""
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        raise InputError(f"{name} must be a float tensor of shape {list(shape)}, got {_type_name(z)}")
+    if tuple(z.shape) != tuple(shape):
+        raise InputError(f"{name} must have shape {list(shape)}, got {list(z.shape)}")
+    if not bool(torch.isfinite(z).all()):
+        raise InputError(f"{name} holds NaN or Inf values; pass finite latents")
+    return z
+
+
+def check_callable(name: str, v):
+    if v is not None and not callable(v):
+        raise InputError(f"{name} must be a function or None, got {_type_name(v)}")
+    return v
+
+
+# ---- phase sizes ------------------------------------------------------------------------------
+def resolve_sizes(height, width, base, phases, phase_sizes, reference_compat, mech=M) -> list[tuple[int, int]]:
+    """The pixel size of every phase: explicit ``phase_sizes``, the reference's (compat) or ours."""
+    if phase_sizes is not None:
+        return _check_phase_sizes(phase_sizes, height, width, phases, reference_compat)
+    if reference_compat:
+        # the reference: phase 1 at (H//S, W//S), phase s at B·s on the long side, the short side
+        # int()-scaled by the aspect ratio
+        S = phases or M.phase_count(height, width, base)
+        ar = min(height, width) / max(height, width)
+        sizes = [(height // S, width // S)]
+        for s in range(2, S + 1):
+            ch = cw = base * s
+            if height > width:
+                cw = int(cw * ar)
+            else:
+                ch = int(ch * ar)
+            sizes.append((ch // 8 * 8, cw // 8 * 8))
+        return sizes
+    return mech.phase_sizes(height, width, base, phases)
+
+
+def _check_phase_sizes(phase_sizes, height, width, phases, reference_compat) -> list[tuple[int, int]]:
+    """Explicit phase sizes, validated: multiples of 8, growing, ending at (height, width)."""
+    if reference_compat:
+        raise InputError("phase_sizes= cannot be combined with reference_compat=True (the reference fixes its sizes)")
+    try:
+        sizes = [(check_int("phase_sizes height", h), check_int("phase_sizes width", w)) for h, w in phase_sizes]
+    except (TypeError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"phase_sizes must be a list of (height, width) pairs, got {phase_sizes!r:.80}") from None
+    if phases is not None and phases != len(sizes):
+        raise InputError(f"phases={phases} but phase_sizes has {len(sizes)} entries; give one of them")
+    if not sizes or sizes[-1] != (height, width):
+        raise InputError(f"phase_sizes must end with the target (height, width) = ({height}, {width}), got {sizes}")
+    for k, (h, w) in enumerate(sizes, start=1):
+        if h % 8 or w % 8 or h < 8 or w < 8:
+            raise InputError(f"phase_sizes[{k - 1}] = ({h}, {w}): each side must be a positive multiple of 8")
+        if k > 1 and (h < sizes[k - 2][0] or w < sizes[k - 2][1]):
+            raise InputError(f"phase_sizes must not shrink: phase {k} ({h}, {w}) < phase {k - 1} {sizes[k - 2]}")
+    return sizes
+
+
+def check_size(height: int, width: int, base: int, reference_compat: bool, force: bool) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if v % 8:
+            raise InputError(f"{name}={v} is not a multiple of 8; use e.g. {name}={v // 8 * 8} or {-(-v // 8) * 8}")
+    if min(height, width) < base and not reference_compat:
+        raise InputError(f"height and width must be at least the base size {base} px (got {height}×{width}); "
+                         "pass base_size= for a smaller base, or a larger target")
+    if max(height, width) > MAX_SIDE and not force:
+        raise InputError(f"{height}×{width} px is beyond {MAX_SIDE} px a side (days of work, terabytes of latents "
+                         "traffic); pass force=True (--force) if you really mean it")
+
+
+# ---- the one entry point ----------------------------------------------------------------------
+def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negative_prompt=None, height=3072,
+             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, view_batch_size=16, stride=64,
+             cosine_scale_1=3.0, cosine_scale_2=1.0, cosine_scale_3=1.0, sigma=0.8, image=None, latents=None,
+             upscale_noise=None, prompt_2=None, negative_prompt_2=None, base_size=None, phases=None,
+             phase_sizes=None, output_type="pil", callback=None, on_phase_end=None, preview_dir=None,
+             resume_latents=None, num_train_timesteps: int = 1000, **switches) -> Settings:
+    """Check every argument of a run once and return the normalised :class:`Settings`."""
+    unknown = set(switches) - set(SWITCHES)
+    if unknown:
+        raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+    sw = {k: check_bool(k, switches.get(k, f.default)) for f in fields(Settings) if (k := f.name) in SWITCHES}
+    prompts = check_prompts("prompt", prompt, None, optional=False)
+    B = len(prompts)
+    base = check_int("base_size", base_size if base_size is not None else pipe_base_size, 64, MAX_SIDE)
+    if base % 64:
+        raise InputError(f"base_size={base} must be a multiple of 64 (the UNet halves the latent three times)")
+    height = check_int("height", height, 8, hint=" (pixels)")
+    width = check_int("width", width, 8, hint=" (pixels)")
+    check_size(height, width, base, sw["reference_compat"], sw["force"])
+    if phases is not None:
+        phases = check_int("phases", phases, 1, 64, hint="; leave it out for ⌊max(height, width) / base⌋")
+    sizes = resolve_sizes(height, width, base, phases, phase_sizes, sw["reference_compat"], mech)
+    if max(sizes[0]) < base // 2 and not sw["force"] and phase_sizes is None:
+        raise InputError(f"phases={len(sizes)} makes phase 1 only {sizes[0][0]}×{sizes[0][1]} px, under half the "
+                         f"base size {base} (SDXL draws nothing useful there); use fewer phases or pass force=True")
+    window = base // 8
+    if not (sw["local_paths"] or sw["dilated_sampling"]):
+        raise InputError("local_paths and dilated_sampling are both off: at least one path must denoise")
+    stride = check_int("stride", stride, 1, window,
+                       hint=f" latents (the window is base size / 8 = {window}; e.g. stride={max(window // 2, 1)})")
+    s = Settings(
+        prompt=prompts,
+        negative_prompt=check_prompts("negative_prompt", negative_prompt, B, optional=True),
+        prompt_2=check_prompts("prompt_2", prompt_2, B, optional=True),
+        negative_prompt_2=check_prompts("negative_prompt_2", negative_prompt_2, B, optional=True),
+        height=height, width=width,
+        num_inference_steps=check_int("num_inference_steps", num_inference_steps, 1, num_train_timesteps),
+        guidance_scale=check_float("guidance_scale", guidance_scale, 0.0, 100.0,
+                                   hint=" (≤ 1 switches classifier-free guidance off)"),
+        seed=check_int("seed", seed, 0, 2**64 - 1),
+        view_batch_size=check_int("view_batch_size", view_batch_size, 1, hint=" (views per UNet call)"),
+        stride=stride,
+        cosine_scale_1=check_float("cosine_scale_1", cosine_scale_1, 0.0, 1000.0),
+        cosine_scale_2=check_float("cosine_scale_2", cosine_scale_2, 0.0, 1000.0),
+        cosine_scale_3=check_float("cosine_scale_3", cosine_scale_3, 0.0, 1000.0),
+        sigma=check_float("sigma", sigma, 0.0, 100.0, hint=" (0 means no blur)"),
+        base_size=base, sizes=sizes, image=None, latents=None, upscale_noise=None, resume_latents=[],
+        output_type=_check_output_type(output_type),
+        callback=check_callable("callback", callback), on_phase_end=check_callable("on_phase_end", on_phase_end),
+        preview_dir=_check_dir(preview_dir), **sw)
+    return _with_tensors(s, image, latents, upscale_noise, resume_latents, vae_scale)
+
+
+def _check_output_type(v) -> str:
+    if v not in OUTPUT_TYPES:
+        raise InputError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {v!r}")
+    return v
+
+
+def _check_dir(v) -> Path | None:
+    if v is None:
+        return None
+    if not isinstance(v, (str, Path)):
+        raise InputError(f"preview_dir must be a folder path, got {_type_name(v)}")
+    if Path(v).exists() and not Path(v).is_dir():
+        raise InputError(f"preview_dir {v} is a file; give a folder")
+    return Path(v)
+
+
+def _with_tensors(s: Settings, image, latents, upscale_noise, resume_latents, vae_scale: int) -> Settings:
+    """Check the tensors of a run against its phase sizes (image, latents, noise, resumed phases)."""
+    import dataclasses
+
+    B, f = s.batch, vae_scale
+    lat = [(B, 4, h // f, w // f) for h, w in s.sizes]
+    if image is not None:
+        from ..images import image_to_tensor
+
+        if latents is not None:
+            raise InputError("give image (img2img) or latents (phase-1 noise), not both")
+        image = image_to_tensor(image, s.sizes[0])
+        if image.shape[0] not in (1, B):
+            raise InputError(f"image has a batch of {image.shape[0]} but prompt has {B}; give one image or {B}")
+        image = image.expand(B, -1, -1, -1) if image.shape[0] != B else image
+    if latents is not None:
+        latents = check_latent("latents", latents, lat[0])
+    first = 0 if image is not None else 1
+    if upscale_noise is not None:
+        if not isinstance(upscale_noise, (list, tuple)) or len(upscale_noise) != s.phases - first:
+            raise InputError(f"upscale_noise must be a list of {s.phases - first} tensors (one per upscaling phase)")
+        upscale_noise = [check_latent(f"upscale_noise[{i}]", z, lat[first + i]) for i, z in enumerate(upscale_noise)]
+    done = list(resume_latents or [])
+    if len(done) > s.phases:
+        raise InputError(f"resume_latents has {len(done)} phases but this run has only {s.phases}")
+    done = [check_latent(f"resume_latents[{i}]", z, lat[i]) for i, z in enumerate(done)]
+    return dataclasses.replace(s, image=image, latents=latents, upscale_noise=upscale_noise, resume_latents=done)
