@@ -1,16 +1,38 @@
-"""`demofusion inspect`: what a checkpoint is, from safetensors headers only (no tensor is read)."""
+"""`demofusion inspect`: what a checkpoint is, from safetensors headers only (no tensor is read).
+
+Inspecting runs the loaders' own checks, through the same functions of
+:mod:`demofusion.weights`, so a report is clean exactly when loading would succeed, and
+otherwise lists the loaders' errors in their words (:meth:`Report.problems`):
+
+* file integrity from the header alone (:func:`~demofusion.weights.safetensors_header`):
+  zero-byte, truncated, non-safetensors files, corrupt headers;
+* each component's ``config.json`` (:func:`~demofusion.weights.read_config`, and the model
+  built from it on the meta device, :func:`~demofusion.weights.build_meta`);
+* missing, unexpected and mis-shaped keys against that model
+  (:func:`~demofusion.weights.fit_problems`, worded by
+  :func:`~demofusion.weights.word_fit_problems`).
+"""
 
 from __future__ import annotations
 
-import json
-import struct
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .weights import SINGLE_FILE_PREFIXES, WeightsError
+from .weights import (
+    COMPONENT_NAMES,
+    SINGLE_FILE_PREFIXES,
+    WeightsError,
+    build_meta,
+    config_errors,
+    fit_problems,
+    read_config,
+    safetensors_header,
+    word_fit_problems,
+)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -18,15 +40,24 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+def _first_line(e: BaseException | str) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def read_header(path) -> dict[str, tuple[str, list[int]]]:
-    """``{name: (dtype, shape)}`` from a safetensors header (the first 8 + n bytes of the file)."""
+    """``{name: (dtype, shape)}`` from a safetensors header (the first 8 + n bytes of the file).
+
+    Raises :class:`WeightsError` when the header cannot be read; a readable header of a damaged
+    file (e.g. truncated data) is returned — :func:`inspect` reports such damage.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: only .safetensors files are inspected (pickles are never opened)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    header, problems = safetensors_header(path)
+    if header is None:
+        raise WeightsError(problems[0])
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items()}
 
 
 @dataclass
@@ -38,78 +69,154 @@ class ComponentReport:
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     note: str = ""
+    mismatched: list = field(default_factory=list)  # "key: file (shape) vs model (shape)"
+    problems: list = field(default_factory=list)  # one line each, as the loader words them
+
+    @property
+    def ok(self) -> bool:
+        return not (self.problems or self.note)
 
 
 @dataclass
 class Report:
     path: str
-    layout: str  # "diffusers folder" | "component folder" | "component file" | "single-file"
+    layout: str  # "diffusers folder" | "component folder" | "component file" | "single-file" | "unreadable file"
     kind: str
     components: list
+
+    def problems(self) -> list[str]:
+        """Everything that stops these weights from loading, one line each (no duplicates);
+        each is the first line of the error the loaders raise for it."""
+        out = []
+        for c in self.components:
+            for p in c.problems + ([f"{c.file}: {c.note}"] if c.note else []):
+                if p not in out:
+                    out.append(p)
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """True when the files are intact and every key and shape fits the model (loadable)."""
+        return not self.problems()
 
     def text(self) -> str:
         lines = [f"{self.path}", f"  layout: {self.layout}", f"  model:  {self.kind}"]
         for c in self.components:
             dt = ", ".join(f"{k} ({v} tensors)" for k, v in c.dtypes.items())
-            lines.append(f"  {c.name}: {c.params / 1e6:.2f} M parameters, {dt}  [{c.file}]")
+            desc = f"{c.params / 1e6:.2f} M parameters, {dt}" if c.dtypes else "no readable tensors"
+            lines.append(f"  {c.name}: {desc}  [{c.file}]")
             if c.note:
                 lines.append(f"    {c.note}")
-            for what, keys in (("missing", c.missing), ("unexpected", c.unexpected)):
+            for p in c.problems:
+                lines.append(f"    problem: {p}")
+            for what, keys in (("missing keys", c.missing), ("unexpected keys", c.unexpected),
+                               ("shape mismatches", c.mismatched)):
                 if keys:
                     more = f" … (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-                    lines.append(f"    {len(keys)} {what} keys: {', '.join(keys[:8])}{more}")
-            if not (c.missing or c.unexpected or c.note):
+                    lines.append(f"    {len(keys)} {what}: {', '.join(keys[:8])}{more}")
+            if c.ok:
                 lines.append("    keys match the model exactly")
+        n = len(self.problems())
+        if n:
+            lines.append(f"  {n} problem(s): these weights would not load")
         return "\n".join(lines)
 
 
 def _meta(header: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     """Meta-device stand-ins for the file's tensors (shape and dtype only)."""
-    return {k[len(prefix):]: torch.empty(s, dtype=_DTYPES.get(d, torch.float32), device="meta")
-            for k, (d, s) in header.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: torch.empty(v["shape"], dtype=_DTYPES.get(v["dtype"], torch.float32), device="meta")
+            for k, v in header.items() if k.startswith(prefix)}
 
 
-def _expected(component: str, sd: dict, config: dict | None, kind: str) -> tuple[dict, set]:
-    """(our-named file tensors, the key set of the model they describe), built on the meta device."""
+def _expected(component: str, file: Path, sd: dict, single: bool, config: dict | None,
+              config_file: Path | None, kind: str) -> tuple[dict, dict]:
+    """(our-named file tensors, {key: shape} of the model the loader would build for them).
+
+    Mirrors the loaders' choices (which config they trust, how they convert) and uses the
+    same shared checks, so the errors are the loaders' own.
+    """
+    what = COMPONENT_NAMES[component]
     if component == "unet":
         from .unet import UNet, UNetConfig
         from .unet.convert import convert_sgm_unet
         from .unet.loading import infer_config
 
-        if any(k.startswith("input_blocks.") for k in sd):
-            sd = convert_sgm_unet(sd)
-        cfg = UNetConfig.from_diffusers(config) if config else infer_config(sd, kind if kind in ("sdxl-base", "sdxl-turbo") else "sdxl-base")
-        with torch.device("meta"):
-            return sd, set(UNet(cfg).state_dict())
-    if component == "vae":
+        if single:
+            try:
+                sd = convert_sgm_unet(sd)
+            except ValueError as e:
+                raise WeightsError(f"{file}: {e}") from None
+            config = None
+        if config is not None and "down_block_types" not in config:
+            config = None
+        if config is not None:
+            with config_errors(config_file, what):
+                cfg = UNetConfig.from_diffusers(config)
+        else:
+            cfg, config_file = infer_config(sd, kind), None
+        module = build_meta(lambda: UNet(cfg), what, config_file)
+    elif component == "vae":
         from .vae import AutoencoderKL, VAEConfig
         from .vae.convert import from_diffusers, from_ldm, infer_config, is_ldm_layout
+        from .vae.loading import _is_vae_config
 
         sd = from_ldm(sd) if is_ldm_layout(sd) else from_diffusers(sd)
-        cfg = VAEConfig.from_diffusers(config) if config else infer_config(sd)
-        with torch.device("meta"):
-            return sd, set(AutoencoderKL(cfg).state_dict())
-    from .text.clip import CLIPTextConfig, CLIPTextModel
-    from .text.convert import from_open_clip, from_transformers, infer_config, is_open_clip_layout
+        if single or not _is_vae_config(config):
+            config = None
+        if config is not None:
+            with config_errors(config_file, what):
+                cfg = VAEConfig.from_diffusers(config)
+        else:
+            cfg, config_file = infer_config(sd), None
+        module = build_meta(lambda: AutoencoderKL(cfg), what, config_file)
+    else:
+        from .text.clip import CLIPTextConfig, CLIPTextModel
+        from .text.convert import from_open_clip, from_transformers, infer_config, is_open_clip_layout
 
-    sd = from_open_clip(sd) if is_open_clip_layout(sd) else from_transformers(sd)
-    enc = 1 if component == "text_encoder" else 2
-    cfg = CLIPTextConfig.from_transformers(config) if config else infer_config(sd, enc)
-    with torch.device("meta"):
-        return sd, set(CLIPTextModel(cfg).state_dict())
+        sd = from_open_clip(sd) if is_open_clip_layout(sd) else from_transformers(sd)
+        if config is not None and not single and config.get("model_type", "clip_text_model") == "clip_text_model":
+            with config_errors(config_file, what):
+                cfg = CLIPTextConfig.from_transformers(config, with_projection="text_projection.weight" in sd)
+        else:
+            cfg, config_file = infer_config(sd, 1 if component == "text_encoder" else 2), None
+        module = build_meta(lambda: CLIPTextModel(cfg), what, config_file)
+    return sd, {k: v.shape for k, v in module.state_dict().items()}
 
 
-def _component(name: str, file: Path, header: dict, prefix: str, config: dict | None, kind: str) -> ComponentReport:
+def _component(name: str, file: Path, header: dict, file_problems: list[str], prefix: str = "",
+               kind: str = "sdxl-base") -> ComponentReport:
+    """One component's report: sizes from the header, then the loader's checks in its order
+    (config.json, file integrity, then keys and shapes against the model)."""
     sub = {k: v for k, v in header.items() if k.startswith(prefix)}
-    params = sum(int(torch.tensor(s).prod()) if s else 1 for _, s in sub.values())
-    rep = ComponentReport(name, str(file), params, dict(Counter(d for d, _ in sub.values())))
+    params = sum(math.prod(v["shape"]) for v in sub.values())
+    rep = ComponentReport(name, str(file), params, dict(Counter(v["dtype"] for v in sub.values())))
+    folder = file.parent
     try:
-        sd, want = _expected(name, _meta(header, prefix), config, kind)
-        rep.missing = sorted(want - set(sd))
-        rep.unexpected = sorted(set(sd) - want)
+        config = read_config(folder)
+    except WeightsError as e:
+        rep.problems += [_first_line(e), *file_problems]
+        return rep  # the loader stops at an unreadable config.json: no key check against a guess
+    rep.problems += file_problems
+    try:
+        sd, want = _expected(name, file, _meta(header, prefix), bool(prefix), config,
+                             folder / "config.json" if config is not None else None, kind)
+        fit = fit_problems(want, sd)
+        rep.missing, rep.unexpected = fit.missing, fit.unexpected
+        rep.mismatched = [f"{k}: file {f} vs model {m}" for k, f, m in fit.mismatched]
+        if fit:
+            rep.problems.append(word_fit_problems(fit, COMPONENT_NAMES[name], file).splitlines()[0])
+    except WeightsError as e:
+        rep.problems.append(_first_line(e))
     except Exception as e:  # a file too far from any known model: say so, keep the rest of the report
-        rep.note = f"key check not possible: {type(e).__name__}: {e}"
+        rep.note = f"key check not possible: {type(e).__name__}: {_first_line(e)}"
     return rep
+
+
+def _unreadable(path: Path, file: Path, problems: list[str]) -> Report:
+    """The report of a weights file whose header cannot be read at all."""
+    guess = next((d for d in (file.parent.name, file.parent.parent.name) if d in COMPONENTS), "weights")
+    return Report(str(path), "unreadable file", "unknown",
+                  [ComponentReport(guess, str(file), 0, {}, problems=list(problems))])
 
 
 def _guess_kind(unet: ComponentReport | None, config: dict | None, path: Path) -> str:
@@ -127,8 +234,11 @@ def _guess_kind(unet: ComponentReport | None, config: dict | None, path: Path) -
 
 
 def _config(folder: Path) -> dict | None:
-    f = folder / "config.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    """The folder's config.json for guessing the model kind; None when absent or unreadable."""
+    try:
+        return read_config(folder)
+    except WeightsError:
+        return None
 
 
 def _weights_in(folder: Path) -> Path | None:
@@ -136,40 +246,55 @@ def _weights_in(folder: Path) -> Path | None:
     return (min(files, key=lambda f: (".fp16." in f.name, f.name)) if files else None)
 
 
+def _component_file(path: Path, file: Path, layout: str) -> Report:
+    """A component's weights file (diffusers keys) or a single-file checkpoint."""
+    header, problems = safetensors_header(file)
+    if header is None:
+        return _unreadable(path, file, problems)
+    single = [c for c in COMPONENTS if any(k.startswith(SINGLE_FILE_PREFIXES[c]) for k in header)]
+    if single:
+        reps = [_component(c, file, header, problems, SINGLE_FILE_PREFIXES[c]) for c in single]
+        unet = next((r for r in reps if r.name == "unet"), None)
+        return Report(str(path), "single-file (SGM) checkpoint", _guess_kind(unet, None, path), reps)
+    comp = _guess_component(header)
+    rep = _component(comp, file, header, problems)
+    cfg = _config(file.parent)
+    return Report(str(path), f"{layout} ({comp}" + (", diffusers keys)" if layout == "component file" else ")"),
+                  _guess_kind(rep if comp == "unet" else None, cfg, path), [rep])
+
+
 def inspect(path) -> Report:
-    """Describe a model folder, component folder or safetensors file without loading tensors."""
+    """Describe a model folder, component folder or safetensors file without loading tensors.
+
+    Damaged or ill-fitting weights give a report that is not :attr:`~Report.ok` and lists
+    :meth:`~Report.problems`; :class:`WeightsError` is raised only when there is nothing to
+    inspect (no such path, a pickle file, a folder without weights).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"{path} does not exist (download weights with `demofusion download sdxl-base --dir weights/`)")
-    if path.is_file():
-        header = read_header(path)
-        single = [c for c in COMPONENTS if any(k.startswith(SINGLE_FILE_PREFIXES[c]) for k in header)]
-        if single:
-            reps = [_component(c, path, header, SINGLE_FILE_PREFIXES[c], None, "sdxl-base") for c in single]
-            unet = next((r for r in reps if r.name == "unet"), None)
-            return Report(str(path), "single-file (SGM) checkpoint", _guess_kind(unet, None, path), reps)
-        comp = _guess_component(header)
-        rep = _component(comp, path, header, "", _config(path.parent), "sdxl-base")
-        return Report(str(path), f"component file ({comp}, diffusers keys)", _guess_kind(rep if comp == "unet" else None, _config(path.parent), path), [rep])
+    if path.is_file() or path.suffix == ".safetensors":
+        if path.suffix != ".safetensors":
+            raise WeightsError(f"{path}: only .safetensors files are inspected (pickles are never opened)")
+        return _component_file(path, path, "component file")
     subs = [c for c in COMPONENTS if (path / c).is_dir()]
     if subs:
-        reps, ucfg = [], _config(path / "unet") if "unet" in subs else None
+        reps = []
         for c in subs:
             f = _weights_in(path / c)
             if f is None:
                 reps.append(ComponentReport(c, str(path / c), 0, {}, note="no .safetensors file in this folder"))
                 continue
-            reps.append(_component(c, f, read_header(f), "", _config(path / c), "sdxl-base"))
+            header, problems = safetensors_header(f)
+            reps.append(_component(c, f, header, problems) if header is not None
+                        else ComponentReport(c, str(f), 0, {}, problems=list(problems)))
         unet = next((r for r in reps if r.name == "unet"), None)
         layout = "diffusers folder" + ("" if (path / "model_index.json").is_file() else " (no model_index.json)")
-        return Report(str(path), layout, _guess_kind(unet, ucfg, path), reps)
+        return Report(str(path), layout, _guess_kind(unet, _config(path / "unet") if "unet" in subs else None, path), reps)
     f = _weights_in(path)
     if f is None:
         raise WeightsError(f"{path} holds no .safetensors file and no unet/ vae/ text_encoder/ folders")
-    header = read_header(f)
-    comp = _guess_component(header)
-    rep = _component(comp, f, header, "", _config(path), "sdxl-base")
-    return Report(str(path), f"component folder ({comp})", _guess_kind(rep if comp == "unet" else None, _config(path), path), [rep])
+    return _component_file(path, f, "component folder")
 
 
 def _guess_component(header: dict) -> str:

@@ -7,6 +7,8 @@ from safetensors.torch import save_file
 from demofusion.cli import main
 from demofusion.inspect import inspect, read_header
 from demofusion.pipeline import DemoFusionPipeline
+from demofusion.unet import load_unet
+from demofusion.weights import WeightsError
 from tests.helpers.unet import to_sgm
 
 
@@ -36,6 +38,7 @@ def test_diffusers_folder(tiny, capsys):
         assert c.dtypes == {"F32": len(modules[c.name].state_dict())} or c.name.startswith("text"), c.name
         assert c.missing == [] and c.unexpected == [], (c.name, c.missing, c.unexpected)
     assert "tiny" in rep.kind
+    assert rep.ok and rep.problems() == [] and all(c.ok and c.mismatched == [] for c in rep.components)
     assert main(["inspect", str(folder)]) == 0
     assert "keys match the model exactly" in capsys.readouterr().out
 
@@ -48,8 +51,39 @@ def test_component_folder_and_file_with_bad_keys(tiny, tmp_path):
     sd["extra.weight"] = torch.zeros(3)
     save_file(sd, str(tmp_path / "unet.safetensors"))
     (tmp_path / "config.json").write_text((folder / "unet" / "config.json").read_text())
-    c = inspect(tmp_path / "unet.safetensors").components[0]
+    rep = inspect(tmp_path / "unet.safetensors")
+    c = rep.components[0]
     assert c.name == "unet" and c.missing == ["conv_in.bias"] and c.unexpected == ["extra.weight"]
+    assert not rep.ok and "keys match the model exactly" not in rep.text()
+    with pytest.raises(WeightsError) as err:
+        load_unet(tmp_path / "unet.safetensors")
+    assert rep.problems() == [str(err.value).splitlines()[0]]  # the loader's words
+
+
+def test_shape_mismatch_and_truncation_are_reported_as_loading_reports_them(tiny, tmp_path):
+    pipe, folder = tiny
+    sd = dict(pipe.unet.state_dict())
+    sd["conv_in.weight"] = torch.zeros(32, 5, 3, 3)
+    (tmp_path / "unet").mkdir()
+    save_file(sd, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "unet" / "config.json").write_text((folder / "unet" / "config.json").read_text())
+    rep = inspect(tmp_path / "unet")
+    c = rep.components[0]
+    assert c.missing == [] and c.unexpected == []
+    assert c.mismatched == ["conv_in.weight: file (32, 5, 3, 3) vs model (32, 4, 3, 3)"]
+    with pytest.raises(WeightsError) as err:
+        load_unet(tmp_path)
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors") + ": the weights do not fit")
+    assert not rep.ok and rep.problems() == [first]
+    # the same file cut short by a byte: integrity first (as the loader), the key check still shown
+    f = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1])
+    rep = inspect(f)
+    with pytest.raises(WeightsError) as err:
+        load_unet(f)
+    assert "truncated: the file has" in str(err.value).splitlines()[0]
+    assert rep.problems() == [str(err.value).splitlines()[0], first]
 
 
 def test_single_file(tiny, tmp_path):
@@ -65,6 +99,7 @@ def test_single_file(tiny, tmp_path):
     assert unet.params == sum(v.numel() for v in unet_sd.values())
     assert unet.missing == [] and unet.unexpected == [], (unet.missing, unet.unexpected, unet.note)
     assert vae.name == "vae" and vae.missing == [] and vae.unexpected == []
+    assert rep.ok, rep.problems()
 
 
 def test_generate_from_a_model_folder(tiny, tmp_path, capsys):

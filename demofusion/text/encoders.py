@@ -13,10 +13,13 @@ from typing import Sequence
 import torch
 
 from demofusion.weights import (
+    COMPONENT_NAMES,
     SINGLE_FILE_PREFIXES,
     WeightsError,
     build_and_load,
+    config_errors,
     is_single_file,
+    read_json,
     read_keys,
     read_tensors,
     resolve_component,
@@ -73,13 +76,16 @@ def load_text_encoder(
     sd, single = _read_state_dict(file, encoder, allow_pickle)
     if isinstance(config, str):
         config = CLIPTextConfig.preset(config)
+    what, cfg_file = COMPONENT_NAMES[SUBFOLDERS[encoder]], None
     if config is None:
         if cfg_json is not None and not single and cfg_json.get("model_type", "clip_text_model") == "clip_text_model":
-            config = CLIPTextConfig.from_transformers(cfg_json, with_projection="text_projection.weight" in sd)
+            cfg_file = file.parent / "config.json"
+            with config_errors(cfg_file, what):
+                config = CLIPTextConfig.from_transformers(cfg_json, with_projection="text_projection.weight" in sd)
         else:
             config = infer_config(sd, encoder)
-    what = f"text encoder {encoder} ({file})"
-    return build_and_load(lambda: CLIPTextModel(config), sd, what, dtype=dtype, device=device)
+    return build_and_load(lambda: CLIPTextModel(config), sd, what, dtype=dtype, device=device,
+                          file=file, config_file=cfg_file)
 
 
 def _force_zeros(path) -> bool:
@@ -87,7 +93,7 @@ def _force_zeros(path) -> bool:
     for folder in (p, p.parent) if p.is_dir() else (p.parent,):
         f = folder / "model_index.json"
         if f.is_file():
-            return bool(json.loads(f.read_text(encoding="utf-8")).get("force_zeros_for_empty_prompt", True))
+            return bool(read_json(f).get("force_zeros_for_empty_prompt", True))
     return True
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import torch
 
 from demofusion.weights import (
-    PICKLE_SUFFIXES, SINGLE_FILE_PREFIXES, WeightsError, build_and_load, read_keys, read_tensors,
-    resolve_component,
+    COMPONENT_NAMES, PICKLE_SUFFIXES, SINGLE_FILE_PREFIXES, WeightsError, build_and_load, config_errors,
+    read_keys, read_tensors, resolve_component,
 )
 
 from .config import UNetConfig
@@ -96,12 +95,16 @@ def load_unet(path: str | os.PathLike, dtype=None, device="cpu", config=None, ki
         cfg_json = None  # a config.json beside a single file describes something else
     if cfg_json is not None and "down_block_types" not in cfg_json:
         cfg_json = None
+    cfg_file = None  # set when the architecture comes from config.json: errors building it name that file
     if config is not None:
         cfg = _as_config(config)
     elif cfg_json is not None:
-        cfg = UNetConfig.from_diffusers(cfg_json)
+        cfg_file = file.parent / "config.json"
+        with config_errors(cfg_file, COMPONENT_NAMES["unet"]):
+            cfg = UNetConfig.from_diffusers(cfg_json)
         if kind is not None:
             cfg = cfg.replace(sample_size=UNetConfig.preset(kind).sample_size)
     else:
         cfg = infer_config(tensors, kind or "sdxl-base")
-    return build_and_load(lambda: UNet(cfg), tensors, f"UNet ({Path(file).name})", dtype=dtype, device=device)
+    return build_and_load(lambda: UNet(cfg), tensors, COMPONENT_NAMES["unet"], dtype=dtype, device=device,
+                          file=file, config_file=cfg_file)

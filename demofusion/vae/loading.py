@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 from demofusion.weights import (
+    COMPONENT_NAMES,
     SINGLE_FILE_PREFIXES,
     WeightsError,
     build_and_load,
+    config_errors,
     is_single_file,
     read_keys,
     read_tensors,
@@ -80,10 +82,12 @@ def load_vae(
         raise WeightsError(f"{file} holds no VAE tensors")
     if single or not _is_vae_config(cfg_json):
         cfg_json = None  # a config.json beside a whole-model file describes something else
-    cfg = _resolve_config(config, cfg_json, sd)
+    cfg_file = file.parent / "config.json" if config is None and cfg_json is not None else None
+    with config_errors(cfg_file, COMPONENT_NAMES["vae"]):
+        cfg = _resolve_config(config, cfg_json, sd)
     return build_and_load(
         lambda: AutoencoderKL(cfg, on_fp16_overflow=on_fp16_overflow),
-        sd, "SDXL VAE (AutoencoderKL)", dtype=dtype, device=device,
+        sd, COMPONENT_NAMES["vae"], dtype=dtype, device=device, file=file, config_file=cfg_file,
     )
 
 

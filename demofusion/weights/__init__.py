@@ -10,6 +10,14 @@ One place for what every component loader needs:
   after checking that every expected key is present with the expected shape — so loading
   never needs twice the model's size in RAM and never silently leaves random weights.
 
+Every check here is shared with ``demofusion inspect`` so both say the same thing in the same
+words: :func:`safetensors_header` (file integrity from the header alone: a truncated or corrupt
+file is caught before any tensor is read), :func:`read_config` (config.json readable, an
+object, known fields of the right type), :func:`config_errors` (a config.json that does not
+describe a buildable model), :func:`fit_problems` + :func:`word_fit_problems` (missing,
+unexpected and mis-shaped keys). Each problem is one line that starts with the file it is
+about and ends with the fix.
+
 Pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) are refused unless the caller
 passes ``allow_pickle=True`` (and even then they are read with ``weights_only=True``).
 """
@@ -17,12 +25,18 @@ passes ``allow_pickle=True`` (and even then they are read with ``weights_only=Tr
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from demofusion.errors import InputError
 
 __all__ = [
     "WeightsError",
@@ -33,7 +47,16 @@ __all__ = [
     "read_keys",
     "read_config",
     "build_and_load",
+    "read_json",
     "check_state_dict",
+    "fit_problems",
+    "word_fit_problems",
+    "FitProblems",
+    "safetensors_header",
+    "config_errors",
+    "build_meta",
+    "COMPONENT_NAMES",
+    "SAFETENSORS_DTYPE_SIZES",
     "is_single_file",
     "parse_dtype",
 ]
@@ -49,8 +72,21 @@ SINGLE_FILE_PREFIXES = {
 }
 
 
-class WeightsError(ValueError):
-    """A weight file is missing, unreadable, of the wrong layout, or does not fit the model."""
+# How loaders and `demofusion inspect` name each component in their messages.
+COMPONENT_NAMES = {
+    "unet": "UNet",
+    "vae": "VAE",
+    "text_encoder": "text encoder 1",
+    "text_encoder_2": "text encoder 2",
+}
+
+
+class WeightsError(InputError):
+    """A weight file is missing, unreadable, of the wrong layout, or does not fit the model.
+
+    An :class:`~demofusion.errors.InputError` (so a ``ValueError``); the first line of the
+    message names the file and the fix.
+    """
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -77,12 +113,109 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; anything else is a one-line :class:`WeightsError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a directory, not a JSON file; remove it or re-download it")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({_one_line(e)}); fix it or re-download it") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be read ({_one_line(e)}); check its permissions or re-download it") from None
+    if not isinstance(data, dict):
+        raise WeightsError(
+            f"{path}: holds a JSON {_json_type(data)}, not an object; fix it or re-download it")
+    return data
+
+
 def read_config(folder: Path) -> dict | None:
+    """``folder/config.json`` (checked: valid JSON, an object, known fields well typed), or None."""
     cfg = Path(folder) / "config.json"
-    if cfg.is_file():
-        with open(cfg, encoding="utf-8") as f:
-            return json.load(f)
-    return None
+    if not cfg.exists():
+        return None
+    data = read_json(cfg)
+    _check_config_types(data, cfg)
+    return data
+
+
+def _one_line(e: BaseException | str) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _json_type(v) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_int(x) for x in v)
+
+
+_INT = (lambda v: _is_int(v), "an integer")
+_INT_OR_LIST = (lambda v: _is_int(v) or _int_list(v), "an integer or a list of integers")
+_INT_LIST = (_int_list, "a non-empty list of integers")
+_NUM = (_is_num, "a number")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_STR = (lambda v: isinstance(v, str), "a string")
+_STR_LIST = (lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v),
+             "a non-empty list of strings")
+
+# Field types of the diffusers / transformers config.json files that the loaders read
+# (null is accepted everywhere: it means "the default"). A wrong type is reported here, naming
+# the field, instead of failing somewhere inside the model's constructor.
+_CONFIG_TYPES = {
+    "_class_name": _STR, "model_type": _STR, "act_fn": _STR, "hidden_act": _STR,
+    "in_channels": _INT, "out_channels": _INT, "latent_channels": _INT, "norm_num_groups": _INT,
+    "addition_time_embed_dim": _INT, "projection_class_embeddings_input_dim": _INT,
+    "vocab_size": _INT, "hidden_size": _INT, "intermediate_size": _INT, "num_hidden_layers": _INT,
+    "max_position_embeddings": _INT, "projection_dim": _INT, "freq_shift": _INT,
+    "block_out_channels": _INT_LIST,
+    "layers_per_block": _INT_OR_LIST, "transformer_layers_per_block": _INT_OR_LIST,
+    "attention_head_dim": _INT_OR_LIST, "num_attention_heads": _INT_OR_LIST,
+    "cross_attention_dim": _INT_OR_LIST, "sample_size": _INT_OR_LIST,
+    "norm_eps": _NUM, "layer_norm_eps": _NUM, "scaling_factor": _NUM,
+    "use_linear_projection": _BOOL, "flip_sin_to_cos": _BOOL, "force_upcast": _BOOL,
+    "mid_block_add_attention": _BOOL, "use_quant_conv": _BOOL, "use_post_quant_conv": _BOOL,
+    "down_block_types": _STR_LIST, "up_block_types": _STR_LIST, "architectures": _STR_LIST,
+}
+
+
+def _check_config_types(cfg: dict, path: Path) -> None:
+    for key, (ok, want) in _CONFIG_TYPES.items():
+        v = cfg.get(key)
+        if v is not None and not ok(v):
+            shown = json.dumps(v)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise WeightsError(f"{path}: {key!r} is {shown}, expected {want}; fix it or re-download it")
+
+
+@contextmanager
+def config_errors(config_file: str | os.PathLike | None, what: str) -> Iterator[None]:
+    """Turn an error raised while reading ``config_file`` into a model (or building the model
+    from it) into a one-line :class:`WeightsError` naming the file; no-op for ``None``."""
+    if config_file is None:
+        yield
+        return
+    try:
+        yield
+    except WeightsError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        why = f"missing field {e}" if isinstance(e, KeyError) else _one_line(e)
+        raise WeightsError(
+            f"{config_file}: does not describe a loadable {what} ({why}); fix it or re-download it"
+        ) from None
 
 
 def resolve_component(
@@ -107,6 +240,8 @@ def resolve_component(
             "`demofusion download sdxl-base --dir weights/` (or sdxl-turbo), or pass the path "
             "of a diffusers model folder or a .safetensors checkpoint."
         )
+    if p.is_dir() and p.suffix == ".safetensors":
+        raise WeightsError(_directory_problem(p))
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES and not allow_pickle:
             _refuse_pickle(p)
@@ -118,7 +253,7 @@ def resolve_component(
     for v in variants:
         for stem in stems:
             name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
-            if (folder / name).is_file():
+            if (folder / name).exists():  # a directory of that name is reported when read
                 return folder / name, read_config(folder)
     # Sharded safetensors (index json) are not used by SDXL's released components.
     pickles = sorted(q.name for q in folder.glob("*") if q.suffix in PICKLE_SUFFIXES)
@@ -137,12 +272,115 @@ def resolve_component(
     )
 
 
-def read_keys(path: str | os.PathLike) -> list[str]:
-    """The tensor names of a safetensors file, without reading any tensor."""
-    from safetensors import safe_open
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
 
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+
+def _directory_problem(path: Path) -> str:
+    return (f"{path}: is a directory, not a .safetensors file; point at the weights file "
+            "(or its model folder) or re-download it")
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict | None, list[str]]:
+    """Read and check the header of a safetensors file, without reading any tensor.
+
+    Returns ``(header, problems)``: ``header`` maps each tensor name to its entry
+    (``dtype``, ``shape``, ``data_offsets``; ``__metadata__`` left out), or is ``None`` when
+    the header cannot be read. ``problems`` are one-line messages (each starting with the
+    path, ending with the fix): a zero-byte, truncated or non-safetensors file, a corrupt
+    header (malformed entries, a tensor whose byte length is not numel × dtype size, offsets
+    that overlap or leave gaps), or a file whose size is not ``8 + header length + last
+    offset``. A file with no problems is one the safetensors library will open.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return None, [_directory_problem(p)]
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            first = f.read(1)
+            raw = first + f.read(n - 1) if len(head) == 8 and 0 < n <= min(size - 8, _MAX_HEADER) else b""
+    except OSError as e:
+        return None, [f"{p}: cannot be read ({_one_line(e)}); check its permissions or re-download it"]
+
+    def unreadable(why: str) -> tuple[None, list[str]]:
+        return None, [f"{p}: not a safetensors file (header unreadable: {why}); re-download it"]
+
+    def truncated(need: int) -> str:
+        return f"{p}: truncated: the file has {size} bytes, its header needs {need} (re-download it)"
+
+    if size == 0:
+        return None, [f"{p}: empty file (0 bytes); re-download it"]
+    if size < 8:
+        return None, [f"{p}: truncated: the file has {size} bytes, its header needs at least 8 (re-download it)"]
+    if n > size - 8:
+        if n > _MAX_HEADER or (first and first != b"{"):
+            return unreadable(f"it declares a {n}-byte header but the file has {size} bytes")
+        return None, [truncated(8 + n)]
+    if n > _MAX_HEADER:
+        return unreadable(f"a {n}-byte header is larger than the format allows")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return unreadable("not UTF-8 text")
+    except json.JSONDecodeError as e:
+        return unreadable(f"invalid JSON: {e}")
+    if not isinstance(header, dict):
+        return unreadable(f"a JSON {_json_type(header)}, not an object")
+
+    def corrupt(why: str) -> tuple[None, list[str]]:
+        return None, [f"{p}: corrupt header: {why}; re-download it"]
+
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        return corrupt("__metadata__ is not a map of strings")
+    spans = []
+    for k, e in header.items():
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            return corrupt(f"tensor {k!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPE_SIZES:
+            return corrupt(f"tensor {k!r} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            return corrupt(f"tensor {k!r} has shape {shape!r}, not a list of sizes")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
+                and offs[0] <= offs[1]):
+            return corrupt(f"tensor {k!r} has data_offsets {offs!r}, not [begin, end]")
+        need = math.prod(shape) * SAFETENSORS_DTYPE_SIZES[dtype]
+        if offs[1] - offs[0] != need:
+            return corrupt(f"tensor {k!r} ({dtype} {shape}) needs {need} bytes but its data_offsets "
+                           f"span {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], k))
+    end = 0
+    for begin, stop, k in sorted(spans):
+        if begin != end:
+            return corrupt(f"tensor {k!r} starts at byte {begin} of the data, expected {end} "
+                           "(tensors overlap or leave gaps)")
+        end = stop
+    if 8 + n + end > size:
+        return header, [truncated(8 + n + end)]
+    if 8 + n + end < size:
+        return header, [f"{p}: corrupt: the file has {size} bytes, its header describes "
+                        f"{8 + n + end} ({size - 8 - n - end} bytes too many); re-download it"]
+    return header, []
+
+
+def _checked_header(path: Path) -> dict:
+    header, problems = safetensors_header(path)
+    if problems:
+        raise WeightsError("\n".join(problems))
+    return header
+
+
+def read_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file (its header checked), without reading any tensor."""
+    return list(_checked_header(Path(path)))
 
 
 def read_tensors(
@@ -157,19 +395,30 @@ def read_tensors(
     if p.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             _refuse_pickle(p)
-        sd = torch.load(p, map_location=device, weights_only=True)
-        sd = sd.get("state_dict", sd)
+        if p.is_dir():
+            raise WeightsError(f"{p}: is a directory, not a checkpoint file; re-download it")
+        try:
+            sd = torch.load(p, map_location=device, weights_only=True)
+        except Exception as e:  # any unpickling failure: a damaged or foreign file
+            raise WeightsError(
+                f"{p}: cannot be read as a pickle checkpoint ({type(e).__name__}: {_one_line(e)}); "
+                "re-download it") from None
+        if isinstance(sd, Mapping):
+            sd = sd.get("state_dict", sd)
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise WeightsError(f"{p}: holds no state dict of tensors; re-download it")
         items = sd.items()
     else:
         from safetensors import SafetensorError, safe_open
 
+        _checked_header(p)  # cheap, and catches truncation even where safetensors maps lazily
         try:
-            f = safe_open(str(p), framework="pt", device=device)
+            with safe_open(str(p), framework="pt", device=device) as f:
+                keys = [k for k in f.keys() if prefix is None or k.startswith(prefix)]
+                items = [(k, f.get_tensor(k)) for k in keys]
         except (SafetensorError, OSError) as e:
-            raise WeightsError(f"cannot read {p} as safetensors: {e}") from e
-        with f:
-            keys = [k for k in f.keys() if prefix is None or k.startswith(prefix)]
-            items = [(k, f.get_tensor(k)) for k in keys]
+            raise WeightsError(
+                f"{p}: not a safetensors file (unreadable: {_one_line(e)}); re-download it") from None
     out = {}
     for k, v in items:
         if prefix is not None:
@@ -187,41 +436,100 @@ def is_single_file(keys: Iterable[str], component: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+def _shape(v) -> tuple:
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+@dataclass
+class FitProblems:
+    """How a state dict differs from a model's: key names, and (key, file shape, model shape)."""
+
+    missing: list = field(default_factory=list)
+    unexpected: list = field(default_factory=list)
+    mismatched: list = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+
+def fit_problems(
+    expected: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    ignore: Callable[[str], bool] = lambda k: False,
+) -> FitProblems:
+    """Missing, unexpected and mis-shaped keys of ``state_dict`` against ``expected``.
+
+    Values on both sides may be tensors (real or meta) or shapes; used by the loaders (via
+    :func:`check_state_dict`) and by ``demofusion inspect`` (with shapes from the header).
+    """
+    got = {k for k in state_dict if not ignore(k)}
+    return FitProblems(
+        missing=sorted(set(expected) - got),
+        unexpected=sorted(got - set(expected)),
+        mismatched=sorted(
+            (k, _shape(state_dict[k]), _shape(expected[k]))
+            for k in set(expected) & got
+            if _shape(state_dict[k]) != _shape(expected[k])
+        ),
+    )
+
+
+def word_fit_problems(problems: FitProblems, what: str, file: str | os.PathLike | None = None) -> str:
+    """The message for ``problems``: a one-line summary (naming ``file``), then the key lists."""
+
+    def count(n: int, one: str, many: str) -> str:
+        return f"{n} {one if n == 1 else many}"
+
+    def few(items: list, n: int = 3) -> str:
+        return ", ".join(items[:n]) + (f", … (+{len(items) - n} more)" if len(items) > n else "")
+
+    def show(items: list, n: int = 12) -> str:
+        more = f" … (+{len(items) - n} more)" if len(items) > n else ""
+        return "\n    " + "\n    ".join(items[:n]) + more
+
+    wrong = [f"{k}: file {f} vs model {m}" for k, f, m in problems.mismatched]
+    summary = []
+    if problems.missing:
+        summary.append(f"{count(len(problems.missing), 'missing key', 'missing keys')} ({few(problems.missing)})")
+    if problems.unexpected:
+        summary.append(f"{count(len(problems.unexpected), 'unexpected key', 'unexpected keys')} "
+                       f"({few(problems.unexpected)})")
+    if wrong:
+        summary.append(f"{count(len(wrong), 'shape mismatch', 'shape mismatches')} ({few(wrong)})")
+    where = f"{file}: " if file is not None else ""
+    msg = [f"{where}the weights do not fit the {what}: " + "; ".join(summary)]
+    if problems.missing:
+        msg.append(f"  {len(problems.missing)} missing key(s):{show(problems.missing)}")
+    if problems.unexpected:
+        msg.append(f"  {len(problems.unexpected)} unexpected key(s):{show(problems.unexpected)}")
+    if wrong:
+        msg.append(f"  {len(wrong)} shape mismatch(es):{show(wrong)}")
+    msg.append(
+        "  Check that the file is the right component and model kind (SDXL base / Turbo) "
+        "and that its config.json matches it; re-download it if it was damaged."
+    )
+    return "\n".join(msg)
+
+
 def check_state_dict(
     expected: Mapping[str, torch.Size | tuple],
     state_dict: Mapping[str, torch.Tensor],
     what: str,
     ignore: Callable[[str], bool] = lambda k: False,
+    file: str | os.PathLike | None = None,
 ) -> None:
     """Raise a :class:`WeightsError` naming every missing, unexpected and mis-shaped key."""
-    got = {k for k in state_dict if not ignore(k)}
-    missing = sorted(set(expected) - got)
-    unexpected = sorted(got - set(expected))
-    wrong = sorted(
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
-        for k in set(expected) & got
-        if tuple(state_dict[k].shape) != tuple(expected[k])
-    )
-    if not (missing or unexpected or wrong):
-        return
+    problems = fit_problems(expected, state_dict, ignore)
+    if problems:
+        raise WeightsError(word_fit_problems(problems, what, file))
 
-    def show(items, n=12):
-        items = list(items)
-        more = f" … (+{len(items) - n} more)" if len(items) > n else ""
-        return "\n    " + "\n    ".join(items[:n]) + more
 
-    msg = [f"the weights do not fit the {what}:"]
-    if missing:
-        msg.append(f"  {len(missing)} missing key(s):{show(missing)}")
-    if unexpected:
-        msg.append(f"  {len(unexpected)} unexpected key(s):{show(unexpected)}")
-    if wrong:
-        msg.append(f"  {len(wrong)} shape mismatch(es):{show(wrong)}")
-    msg.append(
-        "  Check that the file is the right component and model kind (SDXL base / Turbo) "
-        "and that its config.json matches it."
-    )
-    raise WeightsError("\n".join(msg))
+def build_meta(
+    factory: Callable[[], nn.Module], what: str, config_file: str | os.PathLike | None = None
+) -> nn.Module:
+    """``factory()`` on the meta device; errors blamed on ``config_file`` when it is given."""
+    with config_errors(config_file, what), torch.device("meta"):
+        return factory()
 
 
 def build_and_load(
@@ -231,18 +539,22 @@ def build_and_load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     ignore: Callable[[str], bool] = lambda k: False,
+    file: str | os.PathLike | None = None,
+    config_file: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Build ``factory()`` on the meta device, check ``state_dict`` against it, assign it.
+
+    ``file`` (the weights file) starts the message of a mismatch; errors while building the
+    module are blamed on ``config_file`` (the config.json it was built from) when given.
 
     Tensors are cast to ``dtype`` (default: keep the file's dtype) and moved to ``device``
     one at a time, so peak memory stays near one copy of the weights. Modules must keep all
     their state in the state dict (no non-persistent buffers), since meta tensors are never
     materialised.
     """
-    with torch.device("meta"):
-        module = factory()
+    module = build_meta(factory, what, config_file)
     expected = {k: v.shape for k, v in module.state_dict().items()}
-    check_state_dict(expected, state_dict, what, ignore)
+    check_state_dict(expected, state_dict, what, ignore, file)
     dtype = parse_dtype(dtype) if dtype is not None else None
     sd = {}
     for k in expected:
