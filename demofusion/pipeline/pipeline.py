@@ -157,7 +157,7 @@ class DemoFusionPipeline:
         guidance_scale: float = 7.5,
         seed: int = 0,
         view_batch_size: int = 16,
-        stride: int = 64,
+        stride: int | None = None,
         cosine_scale_1: float = 3.0,
         cosine_scale_2: float = 1.0,
         cosine_scale_3: float = 1.0,
@@ -202,6 +202,7 @@ class DemoFusionPipeline:
         skipped and the result equals an uninterrupted run's.
         ``output_type``: ``"pil"``, ``"pt"`` ([B,3,H,W] tensors in [0, 1]) or ``"latent"`` (no
         decoding; ``images`` are None). ``progress``: a tqdm bar per phase.
+        ``stride``: MultiDiffusion view stride in latents, default half the window (64 for SDXL).
         ``phase_sizes``: explicit (h, w) pixel size of every phase, the last (height, width); phase k
         (1-based) then dilates by k, as in the default schedule. ``force``: allow sizes beyond
         16384 px and phase 1 under half the base size.

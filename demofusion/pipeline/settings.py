@@ -231,12 +231,12 @@ def check_size(height: int, width: int, base: int, reference_compat: bool, force
                          "pass base_size= for a smaller base, or a larger target")
     if max(height, width) > MAX_SIDE and not force:
         raise InputError(f"{height}×{width} px is beyond {MAX_SIDE} px a side (days of work, terabytes of latents "
-                         "traffic); pass force=True (--force) if you really mean it")
+                         "traffic); pass force=True if you really mean it")
 
 
 # ---- the one entry point ----------------------------------------------------------------------
 def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negative_prompt=None, height=3072,
-             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, view_batch_size=16, stride=64,
+             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, view_batch_size=16, stride=None,
              cosine_scale_1=3.0, cosine_scale_2=1.0, cosine_scale_3=1.0, sigma=0.8, image=None, latents=None,
              upscale_noise=None, prompt_2=None, negative_prompt_2=None, base_size=None, phases=None,
              phase_sizes=None, output_type="pil", callback=None, on_phase_end=None, preview_dir=None,
@@ -262,7 +262,8 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
                          f"base size {base} (SDXL draws nothing useful there); use fewer phases or pass force=True")
     window = base // 8
     if not (sw["local_paths"] or sw["dilated_sampling"]):
-        raise InputError("local_paths and dilated_sampling are both off: at least one path must denoise")
+        raise InputError("at least one path must denoise, but local_paths and dilated_sampling are both off")
+    stride = window // 2 if stride is None else stride  # default: half the window (64 for SDXL)
     stride = check_int("stride", stride, 1, window,
                        hint=f" latents (the window is base size / 8 = {window}; e.g. stride={max(window // 2, 1)})")
     s = Settings(

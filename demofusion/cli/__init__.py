@@ -1,0 +1,76 @@
+"""The `demofusion` command: generate, upscale, ablate, download, inspect (see docs/cli.md).
+
+One error path: every failure is one line on stderr — exit 2 for input that cannot be used
+(arguments, files, weights, images), 1 for a failed run (NaN/Inf) or an internal error
+(``--debug`` shows its traceback), 130 for Ctrl-C (finished phases are kept).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import InputError, NonFiniteError
+from ..outputs import META_KEY, RUN_FILE, read_png_params, save_png
+from .ablate import cmd_ablate, contact_sheet
+from .args import ABLATIONS, KNOBS, SWITCHES, build_parser
+from .common import CLIError, load_pipeline, model_fingerprint
+from .generate import cmd_generate, cmd_upscale
+
+__all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "load_pipeline", "model_fingerprint",
+           "contact_sheet", "META_KEY", "RUN_FILE", "ABLATIONS", "KNOBS", "SWITCHES"]
+
+
+def cmd_download(args) -> int:
+    from ..hub import DownloadError, download
+
+    try:
+        path = download(args.model, args.dir, args.variant, args.single_file)
+    except DownloadError as e:
+        raise CLIError(str(e)) from e
+    print(f"downloaded to {path}; use it with `demofusion generate --model {path}`")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ..inspect import inspect
+
+    report = inspect(args.path)
+    print(report.text())
+    if not report.ok:
+        more = len(report.problems()) - 1
+        raise CLIError(report.problems()[0] + (f" (+{more} more problems above)" if more else ""))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "upscale": cmd_upscale, "ablate": cmd_ablate, "download": cmd_download,
+            "inspect": cmd_inspect}
+
+
+def _line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad command line (one line said) → 2; --help / --version → 0
+        return e.code if isinstance(e.code, int) else 0
+    debug = getattr(args, "debug", False)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as e:  # CLIError, WeightsError and every validation error
+        print(f"error: {_line(e)}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; finished phases are saved — continue with `demofusion generate --resume OUT`", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: one line, the traceback on request
+        if debug:
+            raise
+        print(f"error: internal error ({type(e).__name__}: {_line(e)}); run again with --debug for the traceback "
+              "and please report it", file=sys.stderr)
+        return 1

@@ -1,0 +1,138 @@
+"""The command line's arguments: one parser, whose errors are one line (exit 2) like every other."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# DemoFusion knobs: (name, type, default, help) with the reference's names and defaults
+KNOBS = [
+    ("view_batch_size", int, 16, "views per UNet call (lower it when out of memory)"),
+    ("stride", int, None, "MultiDiffusion view stride in latents; default half the window: 64 for SDXL, 16 for tiny"),
+    ("cosine_scale_1", float, 3.0, "skip-residual decay exponent (α1)"),
+    ("cosine_scale_2", float, 1.0, "dilated-sampling weight exponent (α2)"),
+    ("cosine_scale_3", float, 1.0, "Gaussian-blur weight exponent (α3)"),
+    ("sigma", float, 0.8, "Gaussian blur std for dilated sampling (0: no blur)"),
+]
+SWITCHES = [  # on by default; --no-<name> turns off
+    ("multi_decoder", "tiled VAE decoding of large phases"),
+    ("skip_residual", "skip residual from the upsampled previous phase"),
+    ("local_paths", "MultiDiffusion local views"),
+    ("dilated_sampling", "dilated global paths"),
+    ("dilated_blur", "Gaussian blur before dilated sampling"),
+    ("renormalise", "renormalise fused latents"),
+    ("view_jitter", "random view jitter"),
+]
+DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negative_prompt": None, "height": 3072,
+            "width": 3072, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0, "phases": None,
+            "phase_sizes": None, "model": "tiny", "device": "cpu", "dtype": "float32",
+            **{k: d for k, _, d, _ in KNOBS}, **{k: True for k, _ in SWITCHES}}
+# the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
+RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
+            "phases", "phase_sizes", *(k for k, *_ in KNOBS), *(k for k, _ in SWITCHES)]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ABLATIONS = {
+    "full": {},
+    "no-skip-residual": {"skip_residual": False},
+    "no-dilated-sampling": {"dilated_sampling": False},
+    "no-local-paths": {"local_paths": False},
+    "progressive-only": {"skip_residual": False, "dilated_sampling": False},  # plain MultiDiffusion upscaling
+    "no-dilated-blur": {"dilated_blur": False},
+    "no-renormalise": {"renormalise": False},
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr and exit 2 (no usage dump)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _phase_sizes_arg(text: str) -> list[list[int]]:
+    """``"1024x1024,2048x2048"`` → [[1024, 1024], [2048, 2048]] (height × width, px)."""
+    try:
+        sizes = [[int(v) for v in part.lower().split("x")] for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = None
+    if not sizes or any(len(hw) != 2 for hw in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give HEIGHTxWIDTH pairs separated by commas, e.g. 1024x1024,2048x2048")
+    return sizes
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Every generation flag, default None: the caller tells given flags from defaults (DEFAULTS)."""
+    p.add_argument("--prompt")
+    p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt")
+    p.add_argument("--height", type=int, help="pixels (default 3072, or the image size × --scale with an image)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", "--num-inference-steps", dest="num_inference_steps", type=int, help="default 50")
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float,
+                   help="classifier-free guidance scale (default 7.5; ≤ 1 turns guidance off)")
+    p.add_argument("--seed", type=int, help="0 … 2**64−1 (default 0)")
+    p.add_argument("--phases", type=int, help="number of phases (default: from the size)")
+    p.add_argument("--phase-sizes", dest="phase_sizes", type=_phase_sizes_arg, metavar="HxW,HxW,...",
+                   help="explicit size of every phase, ending with --height x --width (default: from the size)")
+    for name, typ, default, help_ in KNOBS:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=f"{help_} (default {default})")
+    for name, help_ in SWITCHES:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
+                       help=f"{help_} (default on)")
+    p.add_argument("--model", help="a path, or a preset: tiny (default), sdxl-base, sdxl-turbo")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help=f"torch.compile the UNet (MODE: {', '.join(COMPILE_MODES)}); compiling takes minutes, "
+                        "then each step is faster")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="run sizes beyond 16384 px or with phase 1 under half the base size")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
+
+
+def build_parser() -> Parser:
+    from .. import __version__
+
+    ap = Parser(prog="demofusion", description="DemoFusion high-resolution generation (SDXL / SDXL-Turbo).")
+    ap.add_argument("--version", action="version", version=f"demofusion {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    g = sub.add_parser("generate", help="generate an image, one PNG per phase")
+    _add_generation_args(g)
+    g.add_argument("--out", help="output folder (default: a new out/<date>-<time>-seed<seed>)")
+    g.add_argument("--image", help="img2img: start from this picture (phase 1 is the picture, then DemoFusion upscales)")
+    g.add_argument("--scale", type=float, help="with --image and no --height/--width: target = image size × scale (default 2)")
+    g.add_argument("--from-image", help="reproduce a PNG written by demofusion from its metadata (the file is only read)")
+    g.add_argument("--resume", help="continue an interrupted run in this folder")
+    g.add_argument("--stop-after-phase", type=int, help="stop after phase N (resume later)")
+    g.add_argument("--dry-run", action="store_true", help="check everything, print the plan and the work, run nothing")
+
+    u = sub.add_parser("upscale", help="img2img: upscale IMAGE with DemoFusion (generate --image IMAGE)")
+    u.add_argument("image", help="the picture to upscale (any format Pillow reads)")
+    _add_generation_args(u)
+    u.add_argument("--out", help="output folder (default: a new out/<date>-<time>-seed<seed>)")
+    u.add_argument("--scale", type=float, help="target = image size × scale, unless --height/--width (default 2)")
+    u.add_argument("--stop-after-phase", type=int, help="stop after phase N (resume later)")
+    u.add_argument("--dry-run", action="store_true", help="check everything, print the plan and the work, run nothing")
+
+    a = sub.add_parser("ablate", help="the same seed across mechanism switches and knob sweeps → contact sheet")
+    _add_generation_args(a)
+    a.add_argument("--out", help="output folder (default: a new out/<date>-<time>-seed<seed>)")
+    a.add_argument("--grid", default="full,no-skip-residual,no-dilated-sampling,no-local-paths,progressive-only",
+                   help=f"comma list of: {', '.join(ABLATIONS)}")
+    a.add_argument("--sweep", action="append", default=[], metavar="KNOB=V1,V2",
+                   help="knob sweep on the full model, e.g. --sweep cosine_scale_1=1,3,5 (repeatable)")
+
+    d = sub.add_parser("download", help="download SDXL weights (only the files we load)")
+    d.add_argument("model", choices=["sdxl-base", "sdxl-turbo"])
+    d.add_argument("--dir", default="weights")
+    d.add_argument("--variant", default=None, choices=["fp16"])
+    d.add_argument("--single-file", action="store_true", help="the one-file SGM checkpoint instead")
+    d.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
+
+    i = sub.add_parser("inspect", help="describe a checkpoint without loading it (and check it as loading would)")
+    i.add_argument("path")
+    i.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
+    return ap

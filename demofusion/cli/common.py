@@ -1,0 +1,209 @@
+"""What `generate`, `upscale` and `ablate` share: checks made before any weights are loaded,
+loading, the model fingerprint, and the run's settings through the pipeline's own validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from .args import COMPILE_MODES, DEFAULTS, RUN_KEYS
+
+TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
+             "not art. For real images: `demofusion download sdxl-base --dir weights/` then "
+             "`--model weights/sdxl-base` (see weights/README.md).")
+WORK_WARNING = 2_000  # single-view UNet evaluations above which a CPU run of a real model is called out
+
+
+class CLIError(InputError):
+    """A user-facing error of the command line: printed as one line, exit status 2."""
+
+
+# ---- checks that need no weights --------------------------------------------------------------
+def check_device(device: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CLIError(f"--device {device}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device} was requested but CUDA is not available here; use --device cpu "
+                       "(or install a CUDA build of torch)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device} was requested but MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {device}: only cpu, cuda and mps are supported")
+    return device
+
+
+def check_dtype(dtype: str):
+    from ..weights import parse_dtype
+
+    try:
+        return parse_dtype(dtype)
+    except (ValueError, TypeError):
+        raise CLIError(f"--dtype {dtype}: unknown; use float32, float16 or bfloat16") from None
+
+
+def check_compile(mode: str | None) -> str | None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise CLIError(f"--compile {mode}: unknown mode; use one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def base_size_of(model: str) -> int:
+    """The model's base size in px, read cheaply (preset, unet/config.json, or the file name)."""
+    if model == "tiny":
+        return 256
+    path = Path(model).expanduser()
+    if model in ("sdxl-base", "sdxl-turbo") and not path.exists():
+        raise CLIError(f"'{model}' needs its weights: run `demofusion download {model} --dir weights/` and pass "
+                       f"--model weights/{model} (only 'tiny' is built without downloads)")
+    if not path.exists():
+        raise CLIError(f"--model {model}: weights not found (no such file or folder); download them with "
+                       "`demofusion download sdxl-base --dir weights/`")
+    for cfg in (path / "unet" / "config.json", path / "config.json"):
+        if cfg.is_file():
+            try:
+                return int(json.loads(cfg.read_text())["sample_size"]) * 8
+            except (ValueError, KeyError, TypeError):
+                raise CLIError(f"{cfg}: not a valid UNet config.json (no integer sample_size); re-download it") from None
+    return 512 if "turbo" in path.name.lower() else 1024
+
+
+def run_settings(params: dict, base: int, stop_after: int | None = None, **extra):
+    """The pipeline's validation of a run's parameters (before any weights are loaded)."""
+    from ..pipeline.settings import check_int, validate
+
+    kw = {k: params[k] for k in RUN_KEYS}
+    kw["stride"] = kw["stride"] if kw["stride"] is not None else base // 16
+    try:
+        s = validate(base, prompt=kw.pop("prompt"), **kw, force=bool(params.get("force")), **extra)
+        if stop_after is not None:
+            check_int("--stop-after-phase", stop_after, 1, s.phases)
+    except InputError as e:
+        raise CLIError(_as_flag(str(e))) from None
+    return s
+
+
+FLAGS = {**{k: f"--{k.replace('_', '-')}" for k in RUN_KEYS}, "num_inference_steps": "--steps",
+         "guidance_scale": "--guidance"}
+
+
+def _as_flag(message: str) -> str:
+    """Name arguments as the command line spells them (num_inference_steps → --steps …)."""
+    message = re.sub(r"\b([a-z_0-9]+)=(?=[\w(\[-])", lambda m: f"{FLAGS[m[1]]} " if m[1] in FLAGS else m[0], message)
+    head = re.match(r"\w+", message)
+    if head and head.group() in FLAGS:
+        message = FLAGS[head.group()] + message[head.end():]
+    return message.replace("force=True", "--force")
+
+
+def report_work(s, device: str, model: str) -> None:
+    """First lines of a run: where it runs and how much work it is (warned above a threshold)."""
+    evals = s.unet_evaluations()
+    sizes = " → ".join(f"{w}×{h}" for h, w in s.sizes)
+    print(f"{s.phases} phase(s) {sizes}; {sum(evals):,} UNet evaluations of a {s.window}² latent view "
+          f"({', '.join(f'{e:,}' for e in evals)})")
+    if device == "cpu" and model != "tiny" and sum(evals) > WORK_WARNING:
+        print(f"warning: {sum(evals):,} SDXL UNet evaluations on the CPU take many hours (seconds to minutes "
+              "each); use --device cuda if you have a GPU", file=sys.stderr)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None = None):
+    import torch
+
+    from ..pipeline import DemoFusionPipeline
+    from ..weights import WeightsError
+
+    check_device(device)
+    dt = check_dtype(dtype)
+    check_compile(compile_mode)
+    print(f"model {model} on {device}, {dtype}")
+    if dt != torch.float32 and device == "cpu":
+        print(f"note: {dtype} on CPU is slow and not always supported; float32 is the CPU default", file=sys.stderr)
+    try:
+        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt)
+    except (WeightsError, FileNotFoundError) as e:
+        msg = str(e).splitlines()[0]
+        if "demofusion download" not in msg and "inspect" not in msg:
+            msg += f" — check it with `demofusion inspect {model}`"
+        raise CLIError(msg) from None
+    if compile_mode is not None:
+        pipe.compile(mode=None if compile_mode == "default" else compile_mode)
+    if model == "tiny":
+        print(TINY_NOTE)
+    return pipe
+
+
+def model_fingerprint(pipe, model: str) -> str:
+    """sha256 (first 16 hex) of the UNet weights file (first 64 MiB + size), or of the tiny preset's state."""
+    path = Path(model)
+    if path.exists():
+        from ..weights import resolve_component
+
+        f = Path(resolve_component(path, "unet", ["diffusion_pytorch_model"])[0]) if path.is_dir() else path
+        h = hashlib.sha256(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(64 << 20))
+        return h.hexdigest()[:16]
+    h = hashlib.sha256()
+    for k, v in pipe.unet.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def sampler_name(scheduler) -> str:
+    """The scheduler as A1111 names samplers."""
+    return {"EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
+            "DDIMScheduler": "DDIM"}.get(type(scheduler).__name__, type(scheduler).__name__)
+
+
+def warn_long_prompt(pipe, params: dict) -> None:
+    for key in ("prompt", "negative_prompt"):
+        text = params.get(key)
+        tok = getattr(getattr(pipe, "text", None), "tokenizer", None)
+        if not text or tok is None:
+            continue
+        ids = tok.encode(text)
+        keep = tok.max_length - 2
+        if len(ids) > keep:
+            print(f"warning: {key} has {len(ids) + 2} tokens, more than CLIP's {tok.max_length}; "
+                  f"this part was cut off: {tok.decode(ids[keep:])!r}", file=sys.stderr)
+
+
+def oom_message(e: Exception) -> str:
+    return (f"out of memory ({str(e).splitlines()[0][:120]}). Try a smaller --view-batch-size (e.g. 4), "
+            "keep --multi-decoder on (tiled VAE decode), --dtype float16 on GPU, or a smaller --height/--width")
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def peak_memory(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    try:
+        import resource
+
+        return f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    except ImportError:
+        return "peak memory unknown"
+
+
+def defaults() -> dict:
+    return dict(DEFAULTS)
