@@ -1,7 +1,7 @@
 """The package's user-facing errors: each message is one line naming the problem and the fix.
 
 ``InputError``: bad input from the user (arguments, files, images, budgets) → CLI exit 2.
-``NonFiniteError``: NaN/Inf appeared during a run (nothing non-finite is ever saved) → exit 2.
+``NonFiniteError``: NaN/Inf appeared during a run (nothing non-finite is ever saved) → exit 1.
 Anything else escaping the package is an internal error (CLI exit 1; ``--debug`` shows it).
 """
 

@@ -229,9 +229,10 @@ def _listing(names: list[str], show: int = 3) -> str:
     return ", ".join(names[:show] + (["…"] if len(names) > show else []))
 
 
-def check_output_folder(out, overwrite: bool, option: str = "--out") -> None:
-    """Make sure ``out`` is a writable folder we may write into; create it if missing.
-    Hidden files (``.DS_Store``, a leftover ``.x.tmp-…``) do not count as files."""
+def check_output_folder(out, overwrite: bool, option: str = "--out", create: bool = True) -> None:
+    """Make sure ``out`` is a writable folder we may write into; create it if missing (with
+    ``create=False`` only check that it could be: nothing is written). Hidden files
+    (``.DS_Store``, a leftover ``.x.tmp-…``) do not count as files."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} {out}: is a file; give a folder")
@@ -241,6 +242,11 @@ def check_output_folder(out, overwrite: bool, option: str = "--out") -> None:
             raise InputError(f"{option} {out} already holds files ({_listing(names)}); pass --overwrite to "
                              f"replace them, --resume {out} to continue that run, or another {option}")
     problem = "is not writable" if out.is_dir() else "cannot create it"
+    if not create and not out.exists():
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+            raise InputError(f"{option} {out}: {problem} ({parent} is not a writable folder); give another {option}")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out, prefix=".write-probe-").close()  # can we create files there?

@@ -91,6 +91,7 @@ CLI_CASES = [
     (["--model", "sdxl-base"], ["demofusion download sdxl-base"]),
     (["--model", "{d}/garbage-model", "--height", "1024", "--width", "1024"], ["config.json"]),
     (["--model", "{d}/random-model"], ["diffusion_pytorch_model.safetensors"]),
+    (["--model", "{d}/random-model", "--out", "{d}/fresh"], ["diffusion_pytorch_model.safetensors"]),  # no empty --out left
     (["--model", "{d}/random.safetensors", "--height", "1024", "--width", "1024"], ["random.safetensors"]),
     # output folders
     (["--out", "{d}/note.txt"], ["--out", "is a file"]),
@@ -105,6 +106,9 @@ CLI_CASES = [
     (["--image", "{d}/note.txt"], ["--image", "not an image"]),
     (["--image", "{d}/photo.jpg", "--scale", "0"], ["--scale"]),
     (["--image", "{d}/photo.jpg", "--out", "{d}"], ["--out"]),
+    (["--scale", "2"], ["--scale", "--image"]),
+    (["--dry-run", "--out", "{d}/full"], ["--out", "--overwrite"]),
+    (["--dry-run", "--out", "{d}/note.txt/sub"], ["--out", "cannot create"]),
     # resuming
     (["--resume", "{d}/nowhere"], ["--resume", "run.json"]),
     (["--resume", "{d}/run", "--seed", "5"], ["--seed 5", "conflicts"]),

@@ -218,3 +218,14 @@ def test_dry_run_checks_and_writes_nothing(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "12 phase(s)" in out and "UNet evaluations" in out and "dry run" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ablate_sigma_zero_cell_is_a_real_picture_with_metadata(tmp_path):
+    out = tmp_path / "abl"
+    assert main(["ablate", *RUN, "--grid", "no-dilated-blur", "--sweep", "sigma=0", "--out", str(out)]) == 0
+    record = json.loads((out / "ablation.json").read_text())
+    off, zero = (pixels(c["images"][-1]) for c in record["cells"])
+    assert zero.std() > 0 and np.array_equal(zero, off)  # σ = 0 is the blur switched off, not a black image
+    meta = read_png_params(record["cells"][1]["images"][-1])
+    assert meta["sigma"] == 0.0 and meta["ablation"] == "sigma=0" and meta["phase"] == 2
+    assert "Negative prompt: blurry" in Image.open(record["cells"][1]["images"][-1]).text["parameters"]

@@ -71,10 +71,11 @@ def cmd_ablate(args) -> int:
         except CLIError as e:
             raise CLIError(f"cell {name}: {e}") from None
     params["stride"] = params["stride"] if params["stride"] is not None else base // 16
-    out = new_run_folder("out", params["seed"]) if args.out is None else Path(args.out)
     if args.out is not None:
-        check_output_folder(out, args.overwrite)
+        check_output_folder(args.out, args.overwrite, create=False)  # said before the weights load
     pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile)
+    out = new_run_folder("out", params["seed"]) if args.out is None else Path(args.out)
+    check_output_folder(out, args.overwrite)
     base_params = {**params, "model_hash": model_fingerprint(pipe, params["model"]),
                    "sampler": sampler_name(pipe.scheduler)}
     record = {"base": base_params, "cells": []}

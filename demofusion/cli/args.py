@@ -107,7 +107,7 @@ def build_parser() -> Parser:
     g.add_argument("--from-image", help="reproduce a PNG written by demofusion from its metadata (the file is only read)")
     g.add_argument("--resume", help="continue an interrupted run in this folder")
     g.add_argument("--stop-after-phase", type=int, help="stop after phase N (resume later)")
-    g.add_argument("--dry-run", action="store_true", help="check everything, print the plan and the work, run nothing")
+    g.add_argument("--dry-run", action="store_true", help="check the settings, picture and output folder, print the phases and the work; load no weights, write nothing")
 
     u = sub.add_parser("upscale", help="img2img: upscale IMAGE with DemoFusion (generate --image IMAGE)")
     u.add_argument("image", help="the picture to upscale (any format Pillow reads)")
@@ -115,7 +115,7 @@ def build_parser() -> Parser:
     u.add_argument("--out", help="output folder (default: a new out/<date>-<time>-seed<seed>)")
     u.add_argument("--scale", type=float, help="target = image size × scale, unless --height/--width (default 2)")
     u.add_argument("--stop-after-phase", type=int, help="stop after phase N (resume later)")
-    u.add_argument("--dry-run", action="store_true", help="check everything, print the plan and the work, run nothing")
+    u.add_argument("--dry-run", action="store_true", help="check the settings, picture and output folder, print the phases and the work; load no weights, write nothing")
 
     a = sub.add_parser("ablate", help="the same seed across mechanism switches and knob sweeps → contact sheet")
     _add_generation_args(a)

@@ -98,6 +98,8 @@ def settle_params(args) -> tuple[dict, Path | None, bool]:
     params.update(_given(args))
     if args.image:
         params["image"] = args.image
+    if args.scale is not None and not params.get("image"):
+        raise CLIError(f"--scale {args.scale} needs a picture: give --image PATH (or use `demofusion upscale PATH`)")
     if params.get("image"):
         image = load_image(params["image"], "--image")
         params["image_sha256"] = _sha256(params["image"])
@@ -107,14 +109,14 @@ def settle_params(args) -> tuple[dict, Path | None, bool]:
 
 
 # ---- the output folder and finished phases ------------------------------------------------------
-def _prepare_folder(out: Path | None, args, params: dict, clear: bool = True) -> Path:
+def _prepare_folder(out: Path | None, args, params: dict, check_only: bool = False) -> Path:
     if out is None:
         return new_run_folder("out", params["seed"])
     for source in (getattr(args, "from_image", None), params.get("image")):
         if source and Path(source).resolve().parent == out.resolve():
             raise CLIError(f"--out {out} holds the source picture {source}; write the new run to another --out")
-    check_output_folder(out, args.overwrite)
-    if args.overwrite and clear:  # replace only what a run writes, so no stale later phase stays behind
+    check_output_folder(out, args.overwrite, create=not check_only)
+    if args.overwrite and not check_only:  # replace only what a run writes, so no stale later phase stays behind
         for f in [*out.glob("phase_*.png"), *out.glob("phase_*.safetensors"), out / RUN_FILE]:
             f.unlink(missing_ok=True)
     return out
@@ -155,12 +157,12 @@ def cmd_generate(args) -> int:
     image = load_image(params["image"], "--image") if params.get("image") else None
     settings = run_settings(params, base_size_of(params["model"]), args.stop_after_phase, image=image)
     params["stride"] = settings.stride
+    if out is not None and not resuming:
+        _prepare_folder(out, args, params, check_only=True)  # a bad --out is said before the weights load
     if getattr(args, "dry_run", False):
         report_work(settings, params["device"], params["model"])
-        print(f"dry run: settings are valid; {'resuming ' + str(out) if resuming else 'nothing was written'}")
+        print("dry run: settings and output folder are valid; no weights loaded, nothing written")
         return 0
-    if out is not None and not resuming:
-        _prepare_folder(out, args, params, clear=False)  # a bad --out is said before the weights load
     report_work(settings, params["device"], params["model"])
     t0 = time.perf_counter()
     pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile)
