@@ -6,16 +6,20 @@ scheduler); only the weights are seeded noise, so its images are noise too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 
 def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded weights: matrices/convs ~ N(0, 1/fan_in), norm gains 1 + 0.1·N, biases 0.1·N."""
+    """Seeded weights: matrices/convs ~ N(0, 1/fan_in), norm gains 1 + 0.1·N, biases 0.1·N.
+    Parameters on the meta device (shapes only) are left as they are."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
+            if p.is_meta:
+                continue
             r = torch.randn(p.shape, generator=g)
             if p.ndim >= 2:
                 r = r / math.sqrt(p[0].numel())
@@ -43,6 +47,8 @@ def random_components(kind: str = "tiny", seed: int = 0, device="cpu", dtype=tor
 
     ``tiny`` is the offline demo; ``sdxl-base`` / ``sdxl-turbo`` are the real networks (2.57 B
     UNet parameters) for benchmarks where only the shapes matter. Tokenizers are byte-level.
+    ``device="meta"``: the networks without weights (no memory, no initialisation), e.g. to swap
+    in fake tensors for a shape-only run (tests/test_fake_cuda.py).
     """
     from .schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
     from .text import TextEncoders
@@ -56,7 +62,8 @@ def random_components(kind: str = "tiny", seed: int = 0, device="cpu", dtype=tor
     def build(module, k):  # initialise in fp32 one module at a time, then cast and move
         return random_init_(module, seed + k).eval().requires_grad_(False).to(device, dtype)
 
-    unet = build(UNet(UNetConfig.preset(unet_name)), 0)
-    vae = build(AutoencoderKL(VAEConfig.preset(vae_name)), 1)
-    text = TextEncoders.preset(text_name, seed=seed + 2, dtype=dtype, device=device)
+    with torch.device("meta") if torch.device(device).type == "meta" else contextlib.nullcontext():
+        unet = build(UNet(UNetConfig.preset(unet_name)), 0)
+        vae = build(AutoencoderKL(VAEConfig.preset(vae_name)), 1)
+        text = TextEncoders.preset(text_name, seed=seed + 2, dtype=dtype, device=device)
     return unet, vae, text, from_config(SDXL_TURBO_CONFIG if kind == "sdxl-turbo" else SDXL_BASE_CONFIG)

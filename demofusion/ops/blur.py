@@ -6,14 +6,19 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kernel1d(size: int, std: float, dtype=torch.float32, device=None) -> torch.Tensor:
-    """g_k ∝ exp(−(k − (size−1)/2)² / 2σ²), k = 0..size−1, normalised to Σ g = 1."""
+def gaussian_kernel1d(size: int, std: float | torch.Tensor, dtype=torch.float32, device=None) -> torch.Tensor:
+    """g_k ∝ exp(−(k − (size−1)/2)² / 2σ²), k = 0..size−1, normalised to Σ g = 1.
+
+    ``std``: a number or a 0-d float32 tensor (e.g. from the cosine schedule; a CPU one is used
+    as it is, never read on the host) — the kernel is the same to the bit either way."""
     x = torch.arange(size, dtype=dtype, device=device)
+    if isinstance(std, torch.Tensor):  # 2σ² in ≥ float32, as a Python number would be used
+        std = std.to(torch.promote_types(dtype, torch.float32))
     g = torch.exp(-((x - (size - 1) / 2) ** 2) / (2 * std**2))
     return g / g.sum()
 
 
-def gaussian_blur(x: torch.Tensor, size: int, std: float) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, size: int, std: float | torch.Tensor) -> torch.Tensor:
     """Blur [B,C,H,W] with the size×size Gaussian g gᵀ as two 1-D passes, zero padding size//2."""
     if size <= 1:
         return x

@@ -40,17 +40,18 @@ class Denoiser:
     def cfg(self) -> bool:
         return self.cond.neg_embeds is not None
 
-    def __call__(self, to_step, model_in, crops, t, noise, scale_index):
+    def __call__(self, to_step, model_in, crops, t, i: int, noise, scale_index):
         """Guided UNet calls on ``model_in`` in chunks of ``view_batch_size`` views, then one
-        scheduler step per chunk from ``to_step``. ``scale_index(k)``: the σ index used to scale
-        chunk k's input (None: σ of t, the correct one)."""
+        scheduler step per chunk from ``to_step``, at timestep ``t`` (for the UNet, on its device),
+        the schedule's ``i``-th (for the scheduler: found by position, so t is never read on the
+        host). ``scale_index(k)``: the σ index used to scale chunk k's input (None: i, the correct one)."""
         B, c, sched = self.batch, self.cond, self.scheduler
         chunk = self.view_batch_size * B
         out = []
         for k, a in enumerate(range(0, to_step.shape[0], chunk)):
             x, src = model_in[a : a + chunk], to_step[a : a + chunk]
             idx = scale_index(k)
-            x = sched.scale_model_input(x, t) if idx is None else sched.scale_model_input_at(x, idx)
+            x = sched.scale_model_input_at(x, i if idx is None else idx)
             views = x.shape[0] // B
             emb, pooled = c.embeds.repeat(views, 1, 1), c.pooled.repeat(views, 1)
             time_ids = c.time_ids.repeat(x.shape[0], 1)
@@ -65,29 +66,29 @@ class Denoiser:
             if self.cfg:
                 uncond, cond = eps[0::2], eps[1::2]
                 eps = uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
-            out.append(sched.step(eps, t, src, noise=None if noise is None else noise[a : a + chunk]))
+            out.append(sched.step_at(eps, i, src, noise=None if noise is None else noise[a : a + chunk]))
         return torch.cat(out)
 
-    def paths(self, paths: list[Views], noise, t, compat: bool, scale_index):
+    def paths(self, paths: list[Views], noise, t, i: int, compat: bool, scale_index):
         """Denoise every path's views: all in shared UNet batches when their shapes agree
         (default), or path after path as the reference batches them (``compat``)."""
         noises = [None if noise is None else v.take(noise) for v in paths]
         if not compat and all(v.to_step.shape[1:] == paths[0].to_step.shape[1:] for v in paths):
             cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
             stepped = self(cat([v.to_step for v in paths]), cat([v.model_in for v in paths]),
-                           cat([v.crops for v in paths]), t, None if noise is None else cat(noises), scale_index)
+                           cat([v.crops for v in paths]), t, i, None if noise is None else cat(noises), scale_index)
             return stepped.split([v.to_step.shape[0] for v in paths])
         out, first_chunk = [], 0
         chunk = self.view_batch_size * self.batch
         for v, nz in zip(paths, noises):
-            out.append(self(v.to_step, v.model_in, v.crops, t, nz, lambda k, f=first_chunk: scale_index(f + k)))
+            out.append(self(v.to_step, v.model_in, v.crops, t, i, nz, lambda k, f=first_chunk: scale_index(f + k)))
             first_chunk += -(-v.to_step.shape[0] // chunk)
         return out
 
 
-def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, c, scale: int, jitter_g, noise_g, scale_index):
-    """One step of an upscaling phase at dilation ``scale``: local and global paths from the
-    same z, denoised together, fused by the cosine weight c^α2."""
+def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, i: int, c, scale: int, jitter_g, noise_g, scale_index):
+    """Step ``i`` (timestep ``t``) of an upscaling phase at dilation ``scale``: local and global
+    paths from the same z, denoised together, fused by the cosine weight c^α2."""
     paths = []
     if s.local_paths:
         paths.append(mech.multidiffusion_views(z, s.window, s.stride, s.view_jitter, jitter_g))
@@ -95,7 +96,7 @@ def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, c, scale: int, jitt
         std = mech.dilation_blur_std(c, s.sigma, s.cosine_scale_3) if s.blur else None
         paths.append(mech.dilated_views(z, scale, std, exact_stats=not s.reference_compat))
     noise = torch.randn(z.shape, generator=noise_g).to(z.device) if noise_g is not None else None
-    stepped = denoise.paths(paths, noise, t, s.reference_compat, scale_index)
+    stepped = denoise.paths(paths, noise, t, i, s.reference_compat, scale_index)
     merged = [v.merge(x) for v, x in zip(paths, stepped)]
     if len(merged) == 1:
         return merged[0]

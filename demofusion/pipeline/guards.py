@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 
+try:
+    from torch._subclasses.fake_tensor import is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
+except ImportError:  # pragma: no cover - older torch
+    def is_fake(t) -> bool:
+        return False
+
 from ..errors import NonFiniteError
 
 _NEVER = 2**31 - 1
@@ -19,7 +25,8 @@ class FiniteWatch:
     """Remembers the first step of a phase whose latents hold NaN/Inf.
 
     On the CPU it raises at once; on an accelerator it keeps the step index on the device (no
-    host read per step) and :meth:`check` reads it once, at the end of the phase.
+    host read per step) and :meth:`check` reads it once, at the end of the phase. Fake tensors
+    (``FakeTensorMode``: the GPU-readiness test) hold no values, so there is nothing to read.
     """
 
     def __init__(self, cause: str):
@@ -35,14 +42,18 @@ class FiniteWatch:
     def check(self, phase: int) -> None:
         if self.first is None:
             return
-        step, self.first = int(self.first), None
+        first, self.first = self.first, None
+        if is_fake(first):  # no values to check (the read itself is the intended once-per-phase sync)
+            return
+        step = int(first)
         if step != _NEVER:
             raise NonFiniteError(f"phase {phase}, step {step + 1}: the latents became NaN/Inf ({self.cause}); "
                                  "nothing was saved for this phase")
 
 
 def check_image(image: torch.Tensor, phase: int, cause: str) -> torch.Tensor:
-    """The decoded image, or a one-line error if any value is NaN/Inf (a black image is no result)."""
-    if not bool(torch.isfinite(image).all()):
+    """The decoded image, or a one-line error if any value is NaN/Inf (a black image is no result).
+    One host read per decoded phase; skipped for fake tensors (no values)."""
+    if not is_fake(image) and not bool(torch.isfinite(image).all()):
         raise NonFiniteError(f"phase {phase}: the VAE decoded NaN/Inf values ({cause}); nothing was saved for this phase")
     return image

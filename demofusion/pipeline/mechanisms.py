@@ -58,9 +58,9 @@ def fuse(z_local: torch.Tensor, z_global: torch.Tensor, c: torch.Tensor, alpha2:
     return (z_local * (1 - c2) + z_global * c2) / ((1 - c2) + c2)
 
 
-def dilation_blur_std(c: torch.Tensor, sigma: float, alpha3: float) -> float:
-    """σ_blur = σ·c3, c3 = 0.99·c^α3 + 0.01."""
-    return float(sigma * (0.99 * c**alpha3 + 1e-2))
+def dilation_blur_std(c: torch.Tensor, sigma: float, alpha3: float) -> torch.Tensor:
+    """σ_blur = σ·c3, c3 = 0.99·c^α3 + 0.01 (a 0-d tensor like c: the blur takes it as it is, unread)."""
+    return sigma * (0.99 * c**alpha3 + 1e-2)
 
 
 def renormalise(z: torch.Tensor, anchor_mean: torch.Tensor, anchor_std: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def multidiffusion_views(z: torch.Tensor, window: int, stride: int, jitter: bool
     return Views(views, views, (starts * vae_scale).repeat_interleave(b, 0), take, merge)
 
 
-def blur_for_dilation(z: torch.Tensor, s: int, std: float, valid: tuple[slice, slice] | None = None) -> torch.Tensor:
+def blur_for_dilation(z: torch.Tensor, s: int, std: float | torch.Tensor, valid: tuple[slice, slice] | None = None) -> torch.Tensor:
     """Gaussian-blur z (kernel 2s − 1, std σ·c3), then rescale it to z's own mean and std.
 
     ``valid``: the region whose statistics count (excludes alignment padding); None = all.
@@ -118,7 +118,7 @@ def blur_for_dilation(z: torch.Tensor, s: int, std: float, valid: tuple[slice, s
     return match_mean_std(gaussian_blur(z, 2 * s - 1, std), ref.mean(), ref.std(), valid)
 
 
-def dilated_views(z: torch.Tensor, s: int, blur_std: float | None, exact_stats: bool = True) -> Views:
+def dilated_views(z: torch.Tensor, s: int, blur_std: float | torch.Tensor | None, exact_stats: bool = True) -> Views:
     """Global paths (dilated sampling): the s² sub-latents z[:, :, i::s, j::s]; the UNet sees
     those of the blurred latent, each is stepped from the unblurred one; merge interleaves back.
 

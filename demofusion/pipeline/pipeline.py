@@ -28,6 +28,11 @@ from .guards import FiniteWatch, check_image, likely_cause
 from .loading import load_components, save_components
 from .settings import Settings, validate
 
+try:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+except ImportError:  # pragma: no cover - very old torch
+    from contextlib import nullcontext as unset_fake_temporarily
+
 
 @dataclass
 class Mechanisms:
@@ -68,9 +73,14 @@ def from_pil(image, size: tuple[int, int]) -> torch.Tensor:
 
 
 def phase_generators(seed: int, phases: int) -> list[torch.Generator]:
-    """One CPU generator per phase, seeded by a 62-bit sub-seed drawn from the root seed."""
+    """One CPU generator per phase, seeded by a 62-bit sub-seed drawn from the root seed.
+
+    The sub-seeds are host bookkeeping (a CPU generator's draw, read once per run): they are
+    drawn for real even under a FakeTensorMode (the GPU-readiness test), where tensors hold no data.
+    """
     root = torch.Generator().manual_seed(seed)
-    return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (phases,), generator=root)]
+    with unset_fake_temporarily():
+        return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (phases,), generator=root)]
 
 
 def _steps(timesteps, phase: int, phases: int, progress: bool):
@@ -97,10 +107,12 @@ class DemoFusionPipeline:
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_preset, device="cpu", dtype=torch.float32, kind: str | None = None,
+    def from_pretrained(cls, path_or_preset, device="auto", dtype=None, kind: str | None = None,
                         scheduler=None, variant: str | None = None, vae_dtype=None, seed: int = 0,
                         allow_pickle: bool = False, tokenizer_path=None):
         """From a diffusers model folder, a single-file checkpoint, or the preset ``"tiny"``.
+
+        ``device="auto"``: CUDA, then MPS, else the CPU; ``dtype=None``: fp16 on CUDA/MPS, fp32 on the CPU.
 
         ``kind``: ``"sdxl-base"`` / ``"sdxl-turbo"`` for single files (their tensors cannot tell;
         default base, or turbo when the file name says so). ``scheduler``: a scheduler, a config
@@ -109,6 +121,10 @@ class DemoFusionPipeline:
         ``tokenizer_path``: a folder with ``tokenizer/`` and ``tokenizer_2/`` (single files carry
         none; default: the folder itself, else the CLIP vocabulary open_clip_torch ships).
         """
+        from ..devices import default_dtype, resolve_device
+
+        device = resolve_device(device)
+        dtype = default_dtype(device) if dtype is None else dtype
         *parts, name = load_components(path_or_preset, device, dtype, kind, scheduler, variant, vae_dtype, seed,
                                        allow_pickle, tokenizer_path)
         return cls(*parts, name=name)
@@ -260,12 +276,12 @@ class DemoFusionPipeline:
             return s.resume_latents[0].to(dev, torch.float32)
         h1, w1 = s.sizes[0][0] // 8, s.sizes[0][1] // 8
         latents = s.latents if s.latents is not None else torch.randn((s.batch, 4, h1, w1), generator=g)
-        z = latents.to(dev, torch.float32) * sched.init_noise_sigma
+        z = latents.to(dev, torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
         full = torch.zeros(s.batch, 2, dtype=torch.long)
         stochastic = _needs_noise(sched)
         for i, t in enumerate(_steps(sched.timesteps, 1, s.phases, s.progress)):
             nz = torch.randn(z.shape, generator=g).to(dev) if stochastic else None
-            z = denoise(z, z, full, t, nz, lambda k: None)
+            z = denoise(z, z, full, t, i, nz, lambda k: None)
             watch.see(z, 1, i)
             if s.callback is not None:
                 s.callback(1, i, t, z)
@@ -281,18 +297,20 @@ class DemoFusionPipeline:
         z_up = mech.upsample_latents(z, (s.sizes[k][0] // 8, s.sizes[k][1] // 8))
         eps = s.upscale_noise[k - s.first_upscale] if s.upscale_noise is not None else torch.randn(z_up.shape, generator=g)
         eps = eps.to(self.device, z_up.dtype)
-        z = sched.add_noise(z_up, eps, timesteps[0])  # ẑ_0
+        z = sched.add_noise_at(z_up, eps, 0)  # ẑ_0
+        # the scheduler is addressed by step index and c comes from the CPU copy of the timesteps:
+        # nothing on the device is read on the host during the phase (t goes to the UNet only)
         for i, t in enumerate(_steps(timesteps, k + 1, s.phases, s.progress)):
-            c = mech.cosine_factor(t, T)
+            c = mech.cosine_factor(sched.timesteps_cpu[i], T)
             if s.skip_residual:
-                z = mech.skip_residual(z, sched.add_noise(z_up, eps, t), c, s.cosine_scale_1)
+                z = mech.skip_residual(z, sched.add_noise_at(z_up, eps, i), c, s.cosine_scale_1)
             if s.reference_compat:
                 # the reference's stale σ: chunk 0 of step 0 sees the previous phase's last σ
                 # (index N, i.e. 0; not after img2img), every later chunk the next step's σ (DESIGN §3.1)
                 scale_index = lambda kk, i=i: (N if (i == 0 and k > 0) else i) if kk == 0 else i + 1
             else:
                 scale_index = lambda kk: None
-            z = upscale_step(mech, denoise, s, z, t, c, k + 1, g if s.view_jitter else None,
+            z = upscale_step(mech, denoise, s, z, t, i, c, k + 1, g if s.view_jitter else None,
                              g if stochastic else None, scale_index)
             watch.see(z, k + 1, i)
             if s.callback is not None:

@@ -53,6 +53,7 @@ class Scheduler:
         self.alphas_cumprod = alphas_cumprod(self.betas)  # float32 [T]
         self.num_inference_steps = None
         self.timesteps = None  # set by set_timesteps
+        self.timesteps_cpu = None  # the same timesteps kept on the CPU, for host-side control
         self.sigmas = None
         self._lookup = None  # timesteps on the CPU in float64, for index lookup
 
@@ -72,7 +73,8 @@ class Scheduler:
 
     # ------------------------------------------------------------ schedule
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Make the n-step inference schedule: ``.timesteps`` (descending, on ``device``) and ``.sigmas``."""
+        """Make the n-step inference schedule: ``.timesteps`` (descending, on ``device``; also kept on the
+        CPU as ``.timesteps_cpu``) and ``.sigmas``."""
         n, T = num_inference_steps, self.config["num_train_timesteps"]
         name = type(self).__name__
         if isinstance(n, bool) or not isinstance(n, numbers.Integral):
@@ -91,6 +93,7 @@ class Scheduler:
         self.num_inference_steps = int(n)
         timesteps = self._set_schedule(torch.from_numpy(ts.copy()))
         self._lookup = timesteps.double()  # CPU copy for index lookup (no device sync per step)
+        self.timesteps_cpu = timesteps
         self.timesteps = timesteps.to(device)
 
     def _set_schedule(self, ts: torch.Tensor) -> torch.Tensor:
@@ -126,6 +129,11 @@ class Scheduler:
             raise ValueError(f"expected one timestep, got {len(vals)}; step() takes the same t for the whole batch")
         return self._index_of(vals[0])
 
+    def init_sigma(self) -> torch.Tensor:
+        """``init_noise_sigma`` as a 0-d float32 CPU tensor: the same value, read by no one (the
+        pipeline scales its starting noise with it, so no host read happens during a run)."""
+        return torch.tensor(self.init_noise_sigma, dtype=torch.float32)
+
     def _index_of(self, v: float) -> int:
         hits = (self._lookup == v).nonzero().flatten()
         if len(hits) == 0:
@@ -138,6 +146,19 @@ class Scheduler:
             raise ValueError(f"timestep {v:g} occurs {len(hits)} times in the schedule; its step is ambiguous")
         return int(hits[0])
 
+    # ------------------------------------------------------------ by step index (no timestep lookup)
+    # ``step`` / ``add_noise`` find the step from the timestep's value, which reads t on the host
+    # (a device sync when t lives on an accelerator). A caller that knows the step's position —
+    # the pipeline — uses these instead: the same arithmetic, σ/ᾱ from the CPU tables as 0-d
+    # tensors, no host read, no copy to the device.
+    def step_at(self, model_output, step_index: int, sample, generator=None, noise=None) -> torch.Tensor:
+        """``step`` at the schedule's ``step_index``-th timestep."""
+        raise NotImplementedError
+
+    def add_noise_at(self, original_samples: torch.Tensor, noise: torch.Tensor, step_index: int) -> torch.Tensor:
+        """``add_noise`` at the schedule's ``step_index``-th timestep."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------ shared helpers
     @staticmethod
     def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -146,6 +167,11 @@ class Scheduler:
             raise ValueError(f"got {coef.numel()} timesteps for a batch of {like.shape[0]}; "
                              "pass one timestep, or one per sample")
         return coef.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    @staticmethod
+    def _scalar(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d CPU coefficient in ``like``'s dtype (a CPU scalar joins device tensors uncopied)."""
+        return coef.to(dtype=like.dtype)
 
     @staticmethod
     def _draw_noise(model_output: torch.Tensor, generator) -> torch.Tensor:

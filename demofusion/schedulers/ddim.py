@@ -31,6 +31,7 @@ class DDIMScheduler(Scheduler):
             raise ValueError(f"DDIMScheduler: eta must be ≥ 0, got {self.config['eta']!r}")
         # ᾱ used after the last step: 1 (fully denoised) or ᾱ_0
         self.final_alpha_cumprod = torch.tensor(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self._step_alphas = None  # (ᾱ_t [n], ᾱ_prev [n]), set by set_timesteps
 
     init_noise_sigma = 1.0  # the sample is in the ᾱ scale: unit variance at the start
 
@@ -38,10 +39,12 @@ class DDIMScheduler(Scheduler):
         # informative: σ = √((1−ᾱ)/ᾱ) at each timestep, then at the final ᾱ (float32 [n+1], CPU)
         ac = torch.cat([self.alphas_cumprod[ts.long()], self.final_alpha_cumprod.reshape(1)])
         self.sigmas = sigmas_from_alphas_cumprod(ac)
-        return ts.long()  # timesteps: int64 [n], descending
-
-    def _alpha(self, t: int) -> torch.Tensor:
-        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
+        # ᾱ_t and ᾱ_prev of every step (prev = t − ⌊T/n⌋; ᾱ_final below 0), for step_at
+        t = ts.long()
+        prev = t - self.config["num_train_timesteps"] // len(t)
+        self._step_alphas = (self.alphas_cumprod[t],
+                             torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], self.final_alpha_cumprod))
+        return t  # timesteps: int64 [n], descending
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """DDIM feeds the sample unscaled."""
@@ -62,6 +65,12 @@ class DDIMScheduler(Scheduler):
         a = self._per_sample(ac, original_samples)
         return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
 
+    def add_noise_at(self, original_samples: torch.Tensor, noise: torch.Tensor, step_index: int) -> torch.Tensor:
+        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε at the ``step_index``-th timestep (ᾱ a CPU scalar: no lookup)."""
+        self._require_schedule("add_noise_at")
+        a = self._scalar(self._step_alphas[0][step_index], original_samples)
+        return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
+
     def step(self, model_output, timestep, sample, generator=None, noise=None, eta=None) -> torch.Tensor:
         """One DDIM step t → t − ⌊T/n⌋ (eq. 12 of the DDIM paper).
 
@@ -70,13 +79,16 @@ class DDIMScheduler(Scheduler):
         device=generator.device if generator else model_output.device)`` moved to model_output's
         device (diffusers' draw). Computed in float32, returned in ``sample.dtype``.
         """
+        return self.step_at(model_output, self.index_for_timestep(timestep), sample, generator, noise, eta)
+
+    def step_at(self, model_output, step_index: int, sample, generator=None, noise=None, eta=None) -> torch.Tensor:
+        """``step`` at the schedule's ``step_index``-th timestep (ᾱ_t, ᾱ_prev as CPU scalars)."""
         eta = self.config["eta"] if eta is None else eta
         if not eta >= 0:
             raise ValueError(f"DDIMScheduler.step: eta must be ≥ 0, got {eta!r}")
         self._check_noise(noise, generator, model_output)
-        t = int(self._lookup[self.index_for_timestep(timestep)])
-        prev_t = t - self.config["num_train_timesteps"] // self.num_inference_steps
-        a_t, a_prev = self._alpha(t), self._alpha(prev_t)
+        self._require_schedule("step_at")
+        a_t, a_prev = self._step_alphas[0][step_index], self._step_alphas[1][step_index]
         x, out = sample.float(), model_output.float()
         x0, eps = ddim_x0_eps(x, a_t, out, self.config["prediction_type"])
         if self.config["clip_sample"]:  # clamp x̂_0 to [−r, r]

@@ -49,11 +49,15 @@ class _SigmaScheduler(Scheduler):
     @property
     def init_noise_sigma(self) -> float:
         """Std of the starting noise: σ_max for linspace/trailing, √(σ_max²+1) for leading spacing."""
+        return self.init_sigma().item()
+
+    def init_sigma(self) -> torch.Tensor:
+        """``init_noise_sigma`` as a 0-d float32 CPU tensor (no host read)."""
         sigmas = self.sigmas if self.sigmas is not None else self.train_sigmas
         smax = sigmas.max()
         if self.config["timestep_spacing"] == "leading":
             smax = (smax**2 + 1) ** 0.5
-        return smax.item()
+        return smax
 
     def sigma_at(self, t) -> torch.Tensor:
         """σ for each timestep in ``t`` (float32 [k], CPU). Before set_timesteps, t indexes the training table."""
@@ -82,14 +86,23 @@ class _SigmaScheduler(Scheduler):
         sigma = self._per_sample(self.sigma_at(timesteps), original_samples)
         return original_samples + noise * sigma
 
+    def add_noise_at(self, original_samples: torch.Tensor, noise: torch.Tensor, step_index: int) -> torch.Tensor:
+        """x_t = x_0 + σ_t·ε at the ``step_index``-th timestep (σ a CPU scalar: no lookup, no copy)."""
+        self._require_schedule("add_noise_at")
+        return original_samples + noise * self._scalar(self.sigmas[step_index], original_samples)
+
     def _denoised(self, x, sigma, out):
         if self.config["prediction_type"] == "epsilon":
             return denoised_from_eps(x, sigma, out)
         return denoised_from_v(x, sigma, out)
 
-    def _step_sigmas(self, timestep):
-        i = self.index_for_timestep(timestep)
+    def _step_sigmas(self, i: int):
+        self._require_schedule("step_at")
         return self.sigmas[i], self.sigmas[i + 1]
+
+    def step(self, model_output, timestep, sample, generator=None, noise=None) -> torch.Tensor:
+        """One step from ``timestep`` (located in the schedule by value): see :meth:`step_at`."""
+        return self.step_at(model_output, self.index_for_timestep(timestep), sample, generator, noise)
 
 
 class EulerDiscreteScheduler(_SigmaScheduler):
@@ -123,13 +136,13 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         # "sigma_min": end at the smallest training σ instead of 0
         return self.train_sigmas[0].item() if self.config["final_sigmas_type"] == "sigma_min" else 0.0
 
-    def step(self, model_output, timestep, sample, generator=None, noise=None) -> torch.Tensor:
+    def step_at(self, model_output, step_index: int, sample, generator=None, noise=None) -> torch.Tensor:
         """One Euler step σ → σ_next:  x_next = x + (σ_next − σ)·(x − x̂_0)/σ.
 
         Deterministic (``generator``/``noise`` accepted and unused). Computed in float32, returned in
-        ``sample.dtype``. The step is located from ``timestep`` alone (no counter).
+        ``sample.dtype``. ``step(…, timestep, …)`` locates the step from ``timestep`` alone (no counter).
         """
-        sigma, sigma_next = self._step_sigmas(timestep)
+        sigma, sigma_next = self._step_sigmas(step_index)
         x, out = sample.float(), model_output.float()
         denoised = self._denoised(x, sigma, out)
         d = to_d(x, sigma, denoised)
@@ -145,7 +158,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
     _defaults = {k: v for k, v in SDXL_TURBO_CONFIG.items() if k in DIFFUSERS_COMMON}
     _diffusers_defaults = DIFFUSERS_COMMON
 
-    def step(self, model_output, timestep, sample, generator=None, noise=None) -> torch.Tensor:
+    def step_at(self, model_output, step_index: int, sample, generator=None, noise=None) -> torch.Tensor:
         """One ancestral step:  x_next = x + (σ_down − σ)·(x − x̂_0)/σ + σ_up·z.
 
         ``z`` is ``noise`` when given (shape of model_output), else drawn as
@@ -153,10 +166,11 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         device=generator.device if generator else model_output.device)`` moved to model_output's
         device — the same call diffusers makes, so a generator in the same state gives the same z.
         One draw per call, also on the last step (σ_up = 0), as diffusers does.
-        Computed in float32, returned in ``sample.dtype``; the step is located from ``timestep`` alone.
+        Computed in float32, returned in ``sample.dtype``; ``step(…, timestep, …)`` locates the step
+        from ``timestep`` alone.
         """
         self._check_noise(noise, generator, model_output)
-        sigma, sigma_next = self._step_sigmas(timestep)
+        sigma, sigma_next = self._step_sigmas(step_index)
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next)
         x, out = sample.float(), model_output.float()
         denoised = self._denoised(x, sigma, out)

@@ -8,6 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from torch._subclasses.fake_tensor import is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
+except ImportError:  # pragma: no cover - older torch
+    def is_fake(t) -> bool:
+        return False
+
 from .config import VAEConfig
 
 OVERFLOW_POLICIES = ("upcast", "raise")
@@ -244,9 +250,10 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
     def _guarded(self, fn, x: torch.Tensor, what: str) -> torch.Tensor:
-        """Run ``fn(x)``; on a float16 NaN/inf apply the overflow policy."""
+        """Run ``fn(x)``; on a float16 NaN/inf apply the overflow policy (one host read per call;
+        none for fake tensors, which hold no values: FakeTensorMode, the GPU-readiness test)."""
         out = fn(x)
-        if out.dtype != torch.float16 or torch.isfinite(out).all():
+        if out.dtype != torch.float16 or is_fake(out) or torch.isfinite(out).all():
             return out
         if self.on_fp16_overflow == "raise":
             raise FP16OverflowError(

@@ -82,7 +82,12 @@ def _axis_weights(starts: list[int], tile: int, length: int, mul: int) -> list[t
     total = torch.zeros(length * mul, dtype=torch.float64)
     for s, w in zip(starts, ws):
         total[s * mul : s * mul + w.numel()] += w
-    if not bool((total > 0).all()):  # cannot happen for starts from tile_starts; guard anyway
+    # every weight is > 0, so a position has total weight 0 exactly when no tile covers it (checked
+    # on the integer layout: cannot happen for starts from tile_starts; guard anyway)
+    covered = 0
+    for s in sorted(starts):
+        covered = max(covered, s + tile) if s <= covered else covered
+    if covered < length:
         raise RuntimeError("tile weights leave positions uncovered")
     return [w / total[s * mul : s * mul + w.numel()] for s, w in zip(starts, ws)]
 
