@@ -60,8 +60,9 @@ def contact_sheet(images: list, labels: list[str], cols: int | None = None, labe
 
 def cmd_ablate(args) -> int:
     params = defaults() | {k: v for k, v in vars(args).items() if v is not None and k in defaults()}
-    check_device(params["device"])
-    check_dtype(params["dtype"])
+    params["device"] = check_device(params["device"])
+    params["dtype"] = check_dtype(params["dtype"], params["device"])
+    print(f"demofusion: {params['model']} on {params['device']} in {params['dtype']}")
     check_compile(args.compile)
     base = base_size_of(params["model"])
     cells = ablation_cells(args.grid, args.sweep)

@@ -25,7 +25,7 @@ SWITCHES = [  # on by default; --no-<name> turns off
 ]
 DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negative_prompt": None, "height": 3072,
             "width": 3072, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0, "phases": None,
-            "phase_sizes": None, "model": "tiny", "device": "cpu", "dtype": "float32",
+            "phase_sizes": None, "model": "tiny", "device": "auto", "dtype": "auto",
             **{k: d for k, _, d, _ in KNOBS}, **{k: True for k, _ in SWITCHES}}
 # the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
 RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
@@ -80,8 +80,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
                        help=f"{help_} (default on)")
     p.add_argument("--model", help="a path, or a preset: tiny (default), sdxl-base, sdxl-turbo")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--device", help="auto (default: cuda, then mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", help="auto (default: float16 on cuda/mps, float32 on cpu), float32, float16 or bfloat16")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help=f"torch.compile the UNet (MODE: {', '.join(COMPILE_MODES)}); compiling takes minutes, "
                         "then each step is faster")

@@ -24,12 +24,17 @@ class CLIError(InputError):
 
 # ---- checks that need no weights --------------------------------------------------------------
 def check_device(device: str) -> str:
+    """The device a run uses (``auto`` resolved), checked to be present here."""
     import torch
 
+    from ..devices import resolve_device
+
+    if device == "auto":
+        return str(resolve_device("auto"))
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise CLIError(f"--device {device}: not a device; use cpu, cuda, cuda:N or mps") from None
+        raise CLIError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device} was requested but CUDA is not available here; use --device cpu "
                        "(or install a CUDA build of torch)")
@@ -42,11 +47,16 @@ def check_device(device: str) -> str:
     return device
 
 
-def check_dtype(dtype: str):
+def check_dtype(dtype: str, device: str = "cpu") -> str:
+    """The dtype's name (``auto``: float16 on cuda/mps, float32 on cpu), checked."""
+    from ..devices import default_dtype
     from ..weights import parse_dtype
 
+    if dtype == "auto":
+        return str(default_dtype(device)).replace("torch.", "")
     try:
-        return parse_dtype(dtype)
+        parse_dtype(dtype)
+        return dtype
     except (ValueError, TypeError):
         raise CLIError(f"--dtype {dtype}: unknown; use float32, float16 or bfloat16") from None
 
@@ -123,10 +133,11 @@ def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None 
     from ..pipeline import DemoFusionPipeline
     from ..weights import WeightsError
 
+    from ..weights import parse_dtype
+
     check_device(device)
-    dt = check_dtype(dtype)
+    dt = parse_dtype(check_dtype(dtype, device))
     check_compile(compile_mode)
-    print(f"model {model} on {device}, {dtype}")
     if dt != torch.float32 and device == "cpu":
         print(f"note: {dtype} on CPU is slow and not always supported; float32 is the CPU default", file=sys.stderr)
     try:

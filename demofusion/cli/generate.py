@@ -94,7 +94,7 @@ def settle_params(args) -> tuple[dict, Path | None, bool]:
     params = defaults()
     if args.from_image:
         source = read_png_params(args.from_image)
-        params.update({k: v for k, v in source.items() if k not in DERIVED})
+        params.update({k: v for k, v in source.items() if k not in (*DERIVED, "device")})
     params.update(_given(args))
     if args.image:
         params["image"] = args.image
@@ -151,9 +151,10 @@ def cmd_generate(args) -> int:
     from ..images import load_image
 
     params, out, resuming = settle_params(args)
-    check_device(params["device"])
-    check_dtype(params["dtype"])
+    params["device"] = check_device(params["device"])
+    params["dtype"] = check_dtype(params["dtype"], params["device"])
     check_compile(args.compile)
+    print(f"demofusion {__version__}: {params['model']} on {params['device']} in {params['dtype']}")
     image = load_image(params["image"], "--image") if params.get("image") else None
     settings = run_settings(params, base_size_of(params["model"]), args.stop_after_phase, image=image)
     params["stride"] = settings.stride
