@@ -17,7 +17,7 @@ def resolve_device(device="auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"device {device!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"device {device!r}: only cpu, cuda and mps are supported")
     return dev

@@ -29,12 +29,12 @@ def check_device(device: str) -> str:
 
     from ..devices import resolve_device
 
-    if device == "auto":
-        return str(resolve_device("auto"))
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise CLIError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        dev = resolve_device(device)  # parses and names the supported kinds (one place for both API and CLI)
+    except InputError as e:
+        raise CLIError(f"--device {device}: {str(e).split(': ', 1)[-1]}") from None
+    if device == "auto":
+        return str(dev)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device} was requested but CUDA is not available here; use --device cpu "
                        "(or install a CUDA build of torch)")
@@ -42,8 +42,6 @@ def check_device(device: str) -> str:
         raise CLIError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) here")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise CLIError(f"--device {device} was requested but MPS is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise CLIError(f"--device {device}: only cpu, cuda and mps are supported")
     return device
 
 
