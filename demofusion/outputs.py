@@ -136,7 +136,7 @@ _A1111_FIELDS = [  # (params key, A1111 label), in the order AUTOMATIC1111 write
 _DEMOFUSION_FIELDS = [  # written as "DemoFusion <key with spaces>", or the label given here
     "phase", "phases", "phase_sizes", "view_batch_size", "stride", "cosine_scale_1", "cosine_scale_2",
     "cosine_scale_3", "sigma", "multi_decoder", "skip_residual", "local_paths", "dilated_sampling",
-    "dilated_blur", "renormalise", "view_jitter", "image",
+    "dilated_blur", "renormalise", "view_jitter", "image", "max_memory", "offload", "fp8",
 ]
 _LABELS = {"image": "init image"}
 
@@ -155,6 +155,8 @@ def _a1111_pairs(params: dict) -> list[tuple[str, object]]:
         fields["size"] = f"{params['width']}x{params['height']}"  # A1111 writes width first
     if fields.get("image") is not None:
         fields["image"] = os.path.basename(str(fields["image"]))
+    if not fields.get("fp8"):
+        fields.pop("fp8", None)  # said only when on
     pairs = [(label, fields[k]) for k, label in _A1111_FIELDS if fields.get(k) is not None]
     pairs += [("DemoFusion " + _LABELS.get(k, k.replace("_", " ")), fields[k])
               for k in _DEMOFUSION_FIELDS if fields.get(k) is not None]

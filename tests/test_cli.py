@@ -39,7 +39,8 @@ def test_generate_writes_every_phase_with_metadata(full_run, capsys):
                  "multi_decoder", "skip_residual", "dilated_sampling", "local_paths", "num_inference_steps",
                  "guidance_scale", "height", "width", "model_hash", "version"):
         assert knob in meta, knob
-    assert meta["cosine_scale_1"] == 3.0 and meta["sigma"] == 0.8 and meta["view_batch_size"] == 16
+    assert meta["cosine_scale_1"] == 3.0 and meta["sigma"] == 0.8
+    assert meta["view_batch_size"] is None and meta["max_memory"] is None  # auto: 16 without a budget
 
 
 def test_tiny_says_it_is_noise(tmp_path, capsys):
@@ -134,7 +135,7 @@ def test_error_out_of_memory(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DemoFusionPipeline, "__call__", boom)
     line = err(capsys, ["generate", "--model", "tiny", "--height", "256", "--width", "256", "--out", str(tmp_path)])
-    assert "out of memory" in line and "--view-batch-size" in line and "float16" in line and "multi-decoder" in line
+    assert "out of memory" in line and "--max-memory" in line and "--dry-run" in line and "--fp8" in line
 
 
 def test_warning_prompt_over_77_tokens(capsys, tmp_path):
@@ -147,20 +148,20 @@ def test_warning_prompt_over_77_tokens(capsys, tmp_path):
 
 
 def test_resume_after_ctrl_c_in_phase_3(full_run, tmp_path, capsys, monkeypatch):
-    from demofusion.pipeline import DemoFusionPipeline
+    from demofusion.pipeline import pipeline as module
 
-    decode = DemoFusionPipeline._decode
+    decode = module.decode_latents
 
-    def interrupted(self, z, k, *a, **kw):  # Ctrl-C while phase 3 is in flight (at its decode)
+    def interrupted(vae, z, k, *a, **kw):  # Ctrl-C while phase 3 is in flight (at its decode)
         if k == 2:
             raise KeyboardInterrupt
-        return decode(self, z, k, *a, **kw)
+        return decode(vae, z, k, *a, **kw)
 
-    monkeypatch.setattr(DemoFusionPipeline, "_decode", interrupted)
+    monkeypatch.setattr(module, "decode_latents", interrupted)
     line = err(capsys, ["generate", *RUN, "--out", str(tmp_path)], code=130, start="interrupted")  # Ctrl-C: 130
     assert f"--resume {tmp_path}" in line
     assert (tmp_path / "phase_2.png").is_file() and not (tmp_path / "phase_3.safetensors").exists()
-    monkeypatch.setattr(DemoFusionPipeline, "_decode", decode)
+    monkeypatch.setattr(module, "decode_latents", decode)
     assert main(["generate", "--resume", str(tmp_path), "--no-progress"]) == 0
     assert np.array_equal(pixels(tmp_path / "phase_3.png"), pixels(full_run / "phase_3.png"))
 

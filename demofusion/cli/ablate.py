@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..outputs import check_output_folder, new_run_folder, save_png, write_json
-from .args import ABLATIONS, KNOBS, RUN_KEYS
+from .args import ABLATIONS, KNOBS, PLACEMENT_KEYS, RUN_KEYS
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
 
@@ -74,7 +74,7 @@ def cmd_ablate(args) -> int:
     params["stride"] = params["stride"] if params["stride"] is not None else base // 16
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, create=False)  # said before the weights load
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile)
+    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")))
     out = new_run_folder("out", params["seed"]) if args.out is None else Path(args.out)
     check_output_folder(out, args.overwrite)
     base_params = {**params, "model_hash": model_fingerprint(pipe, params["model"]),
@@ -87,7 +87,7 @@ def cmd_ablate(args) -> int:
         folder.mkdir(exist_ok=True)
         save = lambda k, image, z, folder=folder, cell=cell: save_png(image, folder / f"phase_{k}.png", {**cell, "phase": k})
         try:
-            res = pipe(**{k: cell[k] for k in RUN_KEYS}, on_phase_end=save)
+            res = pipe(**{k: cell[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, on_phase_end=save)
         except RuntimeError as e:
             if is_oom(e):
                 raise CLIError(f"cell {name}: {oom_message(e)}") from e

@@ -7,7 +7,7 @@ import sys
 
 # DemoFusion knobs: (name, type, default, help) with the reference's names and defaults
 KNOBS = [
-    ("view_batch_size", int, 16, "views per UNet call (lower it when out of memory)"),
+    ("view_batch_size", int, None, "views per UNet call; default 16, or fewer as --max-memory needs"),
     ("stride", int, None, "MultiDiffusion view stride in latents; default half the window: 64 for SDXL, 16 for tiny"),
     ("cosine_scale_1", float, 3.0, "skip-residual decay exponent (α1)"),
     ("cosine_scale_2", float, 1.0, "dilated-sampling weight exponent (α2)"),
@@ -25,8 +25,12 @@ SWITCHES = [  # on by default; --no-<name> turns off
 ]
 DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negative_prompt": None, "height": 3072,
             "width": 3072, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0, "phases": None,
-            "phase_sizes": None, "model": "tiny", "device": "auto", "dtype": "auto",
+            "phase_sizes": None, "model": "tiny", "device": "auto", "dtype": "auto", "max_memory": None,
+            "offload": None, "fp8": False,
             **{k: d for k, _, d, _ in KNOBS}, **{k: True for k, _ in SWITCHES}}
+# where a run's weights and batches go: recorded, free to change on resume (like --device)
+PLACEMENT_KEYS = ["max_memory", "offload"]
+OFFLOAD = ("none", "model", "sequential")
 # the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
 RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
             "phases", "phase_sizes", *(k for k, *_ in KNOBS), *(k for k, _ in SWITCHES)]
@@ -82,6 +86,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a path, or a preset: tiny (default), sdxl-base, sdxl-turbo")
     p.add_argument("--device", help="auto (default: cuda, then mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", help="auto (default: float16 on cuda/mps, float32 on cpu), float32, float16 or bfloat16")
+    p.add_argument("--max-memory", dest="max_memory", metavar="SIZE",
+                   help="GPU memory budget, e.g. 8GB (10⁹ bytes), 8GiB or auto (the free memory): placement, view "
+                        "batch and VAE tiles are planned so every stage fits (docs/memory.md)")
+    p.add_argument("--offload", choices=OFFLOAD, help="none (default), model (each component on the GPU only while "
+                   "it works) or sequential (UNet weights stream through the GPU); default: --max-memory's pick")
+    p.add_argument("--fp8", action="store_true", default=None,
+                   help="store the UNet's weights as fp8 (half the memory, small error: docs/fp8.md)")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help=f"torch.compile the UNet (MODE: {', '.join(COMPILE_MODES)}); compiling takes minutes, "
                         "then each step is faster")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .args import COMPILE_MODES, DEFAULTS, RUN_KEYS
+from .args import COMPILE_MODES, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
 
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
              "not art. For real images: `demofusion download sdxl-base --dir weights/` then "
@@ -23,8 +23,9 @@ class CLIError(InputError):
 
 
 # ---- checks that need no weights --------------------------------------------------------------
-def check_device(device: str) -> str:
-    """The device a run uses (``auto`` resolved), checked to be present here."""
+def check_device(device: str, present: bool = True) -> str:
+    """The device a run uses (``auto`` resolved), checked to be present here (unless ``present``
+    is False: a dry run may plan for a device this machine lacks)."""
     import torch
 
     from ..devices import resolve_device
@@ -33,7 +34,7 @@ def check_device(device: str) -> str:
         dev = resolve_device(device)  # parses and names the supported kinds (one place for both API and CLI)
     except InputError as e:
         raise CLIError(f"--device {device}: {str(e).split(': ', 1)[-1]}") from None
-    if device == "auto":
+    if device == "auto" or not present:
         return str(dev)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device} was requested but CUDA is not available here; use --device cpu "
@@ -65,11 +66,14 @@ def check_compile(mode: str | None) -> str | None:
     return mode
 
 
-def base_size_of(model: str) -> int:
-    """The model's base size in px, read cheaply (preset, unet/config.json, or the file name)."""
+def base_size_of(model: str, planning: bool = False) -> int:
+    """The model's base size in px, read cheaply (preset, unet/config.json, or the file name).
+    ``planning`` (a dry run): the SDXL presets need no weights."""
     if model == "tiny":
         return 256
     path = Path(model).expanduser()
+    if planning and model in ("sdxl-base", "sdxl-turbo") and not path.exists():
+        return 512 if model == "sdxl-turbo" else 1024
     if model in ("sdxl-base", "sdxl-turbo") and not path.exists():
         raise CLIError(f"'{model}' needs its weights: run `demofusion download {model} --dir weights/` and pass "
                        f"--model weights/{model} (only 'tiny' is built without downloads)")
@@ -92,6 +96,7 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
     kw = {k: params[k] for k in RUN_KEYS}
     kw["stride"] = kw["stride"] if kw["stride"] is not None else base // 16
     try:
+        kw |= {k: params.get(k) for k in PLACEMENT_KEYS}
         s = validate(base, prompt=kw.pop("prompt"), **kw, force=bool(params.get("force")), **extra)
         if stop_after is not None:
             check_int("--stop-after-phase", stop_after, 1, s.phases)
@@ -100,7 +105,7 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
     return s
 
 
-FLAGS = {**{k: f"--{k.replace('_', '-')}" for k in RUN_KEYS}, "num_inference_steps": "--steps",
+FLAGS = {**{k: f"--{k.replace('_', '-')}" for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, "num_inference_steps": "--steps",
          "guidance_scale": "--guidance"}
 
 
@@ -125,7 +130,7 @@ def report_work(s, device: str, model: str) -> None:
 
 
 # ---- loading ----------------------------------------------------------------------------------
-def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None = None):
+def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None = None, fp8: bool = False):
     import torch
 
     from ..pipeline import DemoFusionPipeline
@@ -139,7 +144,7 @@ def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None 
     if dt != torch.float32 and device == "cpu":
         print(f"note: {dtype} on CPU is slow and not always supported; float32 is the CPU default", file=sys.stderr)
     try:
-        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt)
+        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=fp8)
     except (WeightsError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0]
         if "demofusion download" not in msg and "inspect" not in msg:
@@ -190,8 +195,8 @@ def warn_long_prompt(pipe, params: dict) -> None:
 
 
 def oom_message(e: Exception) -> str:
-    return (f"out of memory ({str(e).splitlines()[0][:120]}). Try a smaller --view-batch-size (e.g. 4), "
-            "keep --multi-decoder on (tiled VAE decode), --dtype float16 on GPU, or a smaller --height/--width")
+    return (f"out of memory ({str(e).splitlines()[0][:120]}). Give the GPU's size as --max-memory (e.g. 8GB; "
+            "--dry-run shows the plan), or --offload model, --fp8, or a smaller --height/--width")
 
 
 def is_oom(e: BaseException) -> bool:
@@ -212,6 +217,32 @@ def peak_memory(device: str) -> str:
         return f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     except ImportError:
         return "peak memory unknown"
+
+
+def memory_plan(s, params: dict):
+    """The memory plan of settings ``s`` for ``params['model']`` without loading its weights (the
+    tiny preset is built; files and folders are planned as the SDXL architecture of their base size)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ..memory.plan import Model, plan_run, preset_model
+    from ..weights import parse_dtype
+
+    dt, fp8 = parse_dtype(params["dtype"]), bool(params.get("fp8"))
+    if params["model"] == "tiny":
+        from ..presets import tiny_components
+
+        unet, vae, text, _ = tiny_components()
+        unet.to(dt), vae.to(dt), text.to(dtype=dt)
+        if fp8:
+            from ..fp8 import to_fp8_
+
+            to_fp8_(unet)
+        model = Model.of(SimpleNamespace(unet=unet, vae=vae, text=text))
+    else:
+        model = preset_model("sdxl-turbo" if s.base_size == 512 else "sdxl-base", dt, fp8)
+    return plan_run(SimpleNamespace(device=torch.device(params["device"])), s, model=model)
 
 
 def defaults() -> dict:

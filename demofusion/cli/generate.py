@@ -14,14 +14,15 @@ import warnings
 from pathlib import Path
 
 from .. import __version__
+from ..errors import InputError
 from ..outputs import (RUN_FILE, check_output_folder, load_latents, new_run_folder, read_png_params, save_latents,
                        save_png, write_json)
-from .args import RUN_KEYS
-from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
-                     load_pipeline, model_fingerprint, oom_message, peak_memory, report_work, run_settings,
-                     sampler_name, warn_long_prompt)
+from .args import PLACEMENT_KEYS, RUN_KEYS
+from .common import (CLIError, _as_flag, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
+                     load_pipeline, memory_plan, model_fingerprint, oom_message, peak_memory, report_work,
+                     run_settings, sampler_name, warn_long_prompt)
 
-SETUP_KEYS = ("model", "dtype", "image")  # beyond RUN_KEYS, what a resume must not change
+SETUP_KEYS = ("model", "dtype", "image", "fp8")  # beyond RUN_KEYS, what a resume must not change
 DERIVED = ("phase", "run_id", "version", "sampler", "model_hash", "image_sha256")  # recomputed by each run
 
 
@@ -32,12 +33,13 @@ class _Stop(Exception):
 # ---- parameters ---------------------------------------------------------------------------------
 def run_id(params: dict) -> str:
     """What makes a run's pixels, hashed: the phase files of a run carry it (resume checks it)."""
-    keys = [*RUN_KEYS, "model", "model_hash", "dtype", "image_sha256"]
+    keys = [*RUN_KEYS, "model", "model_hash", "dtype", "image_sha256", *(["fp8"] if params.get("fp8") else [])]
     return hashlib.sha256(json.dumps({k: params.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _given(args) -> dict:
-    return {k: v for k, v in vars(args).items() if v is not None and k in (*RUN_KEYS, "model", "device", "dtype", "force")}
+    keys = (*RUN_KEYS, *PLACEMENT_KEYS, "model", "device", "dtype", "force", "fp8")
+    return {k: v for k, v in vars(args).items() if v is not None and k in keys}
 
 
 def _resumed_params(args) -> tuple[dict, Path]:
@@ -57,7 +59,7 @@ def _resumed_params(args) -> tuple[dict, Path]:
         raise CLIError(f"--out {args.out} conflicts with --resume {out}: a run resumes in its own folder; drop --out")
     if params.get("image") and _sha256(params["image"]) != params.get("image_sha256"):
         raise CLIError(f"--resume {out}: the picture {params['image']} changed since the run started; start a new run")
-    params.update({k: v for k, v in _given(args).items() if k == "device"})
+    params.update({k: v for k, v in _given(args).items() if k in ("device", *PLACEMENT_KEYS)})
     return params, out
 
 
@@ -151,22 +153,26 @@ def cmd_generate(args) -> int:
     from ..images import load_image
 
     params, out, resuming = settle_params(args)
-    params["device"] = check_device(params["device"])
+    params["device"] = check_device(params["device"], present=not getattr(args, "dry_run", False))  # a plan for another machine
     params["dtype"] = check_dtype(params["dtype"], params["device"])
     check_compile(args.compile)
     print(f"demofusion {__version__}: {params['model']} on {params['device']} in {params['dtype']}")
     image = load_image(params["image"], "--image") if params.get("image") else None
-    settings = run_settings(params, base_size_of(params["model"]), args.stop_after_phase, image=image)
+    dry = getattr(args, "dry_run", False)
+    settings = run_settings(params, base_size_of(params["model"], planning=dry), args.stop_after_phase, image=image)
     params["stride"] = settings.stride
     if out is not None and not resuming:
         _prepare_folder(out, args, params, check_only=True)  # a bad --out is said before the weights load
-    if getattr(args, "dry_run", False):
-        report_work(settings, params["device"], params["model"])
+    report_work(settings, params["device"], params["model"])
+    if dry:
+        try:
+            print(memory_plan(settings, params).describe())
+        except InputError as e:
+            raise CLIError(_as_flag(str(e))) from None
         print("dry run: settings and output folder are valid; no weights loaded, nothing written")
         return 0
-    report_work(settings, params["device"], params["model"])
     t0 = time.perf_counter()
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile)
+    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")))
     out = out if resuming else _prepare_folder(out, args, params)
     fp = model_fingerprint(pipe, params["model"])
     if resuming and params.get("model_hash") not in (None, fp):
@@ -193,11 +199,13 @@ def cmd_generate(args) -> int:
         if args.stop_after_phase is not None and k >= args.stop_after_phase:
             raise _Stop(k)
 
-    kwargs = {k: params[k] for k in RUN_KEYS} | {"image": image, "force": bool(params.get("force"))}
+    kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": bool(params.get("force"))}
     try:
         with warnings.catch_warnings():  # said once above, in the CLI's words
             warnings.filterwarnings("ignore", message="prompt is longer")
             result = pipe(**kwargs, on_phase_end=on_phase_end, resume_latents=done or None, progress=args.progress)
+    except InputError as e:  # an impossible --max-memory (the plan needs the loaded model's sizes)
+        raise CLIError(_as_flag(str(e))) from None
     except _Stop as s:
         print(f"stopped after phase {s.args[0]} as asked; continue with `demofusion generate --resume {out}`")
         return 0

@@ -84,8 +84,9 @@ class _FirstBatch:
         return self.vae.decode(z)
 
 
-def decode_peak(s, k: int, vae) -> tuple[int, str]:
-    """(activation bytes, detail) of decoding phase ``k`` as the pipeline does (``_decode``), and of
+def decode_peak(s, k: int, vae, tile: int | None = None, tile_batch: int = 2) -> tuple[int, str]:
+    """(activation bytes, detail) of decoding phase ``k`` as the pipeline does (``_decode``: tiles
+    of at most ``tile`` latents, default the VAE's native size, ``tile_batch`` at a time), and of
     turning the image into output (``check_image``, ``tensor_to_unit``: same-size temporaries)."""
     from ..images import tensor_to_unit
     from ..pipeline.guards import check_image
@@ -95,8 +96,8 @@ def decode_peak(s, k: int, vae) -> tuple[int, str]:
     proxy, z = _FirstBatch(vae), fake_input(B, 4, h, w, dtype=torch.float32)
     if s.reference_compat and s.multi_decoder and k > 0:
         how, fn = "16×-redundant tiles", lambda z: decode_tiled_reference(proxy, z, sample_size=s.window)
-    elif not s.reference_compat and s.multi_decoder and max(h, w) * 8 > vae.config.sample_size:
-        how, fn = "tiles", lambda z: decode_tiled(proxy, z)
+    elif not s.reference_compat and s.multi_decoder and max(h, w) > (tile or vae.config.sample_size // vae.scale_factor):
+        how, fn = "tiles", lambda z: decode_tiled(proxy, z, tile_size=tile, batch_size=tile_batch)
     else:
         how, fn = "whole", proxy.decode
     _, tr = track(fn, z, resident=(vae,))

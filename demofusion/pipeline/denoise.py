@@ -34,6 +34,7 @@ class Denoiser:
     batch: int
     view_batch_size: int
     guidance_scale: float
+    cfg_apart: bool = False  # the unconditional and conditional halves in two UNet calls (less memory)
     calls: int = 0  # UNet forward calls so far
 
     @property
@@ -56,18 +57,27 @@ class Denoiser:
             emb, pooled = c.embeds.repeat(views, 1, 1), c.pooled.repeat(views, 1)
             time_ids = c.time_ids.repeat(x.shape[0], 1)
             time_ids[:, 2:4] = crops[a : a + chunk].to(time_ids)
-            if self.cfg:
-                x = x.repeat_interleave(2, 0)
+            x = x.to(self.unet.dtype)
+            if self.cfg and self.cfg_apart:
+                uncond = self._unet(src.dtype, x, t, c.neg_embeds.repeat(views, 1, 1), c.neg_pooled.repeat(views, 1),
+                                    time_ids)
+                cond = self._unet(src.dtype, x, t, emb, pooled, time_ids)
+            elif self.cfg:
                 emb = torch.stack([c.neg_embeds.repeat(views, 1, 1), emb], 1).flatten(0, 1)
                 pooled = torch.stack([c.neg_pooled.repeat(views, 1), pooled], 1).flatten(0, 1)
-                time_ids = time_ids.repeat_interleave(2, 0)
-            eps = self.unet(x.to(self.unet.dtype), t, emb, pooled, time_ids).to(src.dtype)
-            self.calls += 1
-            if self.cfg:
+                eps = self._unet(src.dtype, x.repeat_interleave(2, 0), t, emb, pooled, time_ids.repeat_interleave(2, 0))
                 uncond, cond = eps[0::2], eps[1::2]
+            else:
+                eps = self._unet(src.dtype, x, t, emb, pooled, time_ids)
+            if self.cfg:
                 eps = uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
             out.append(sched.step_at(eps, i, src, noise=None if noise is None else noise[a : a + chunk]))
         return torch.cat(out)
+
+    def _unet(self, dtype, x, t, emb, pooled, time_ids):
+        """One UNet call; ε in ``dtype`` (the latents', float32: guidance combines in it)."""
+        self.calls += 1
+        return self.unet(x, t, emb, pooled, time_ids).to(dtype)
 
     def paths(self, paths: list[Views], noise, t, i: int, compat: bool, scale_index):
         """Denoise every path's views: all in shared UNet batches when their shapes agree

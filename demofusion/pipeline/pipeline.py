@@ -16,13 +16,17 @@ Randomness (all from ``seed``; documented so runs replay exactly):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..memory.plan import MemoryPlan, plan_run
+from ..placement import Placement
 from . import mechanisms as M
+from .decoding import decode_latents, encode_image, from_pil, to_pil  # noqa: F401 (re-exported)
 from .denoise import Conditioning, Denoiser, upscale_step
 from .guards import FiniteWatch, check_image, likely_cause
 from .loading import load_components, save_components
@@ -58,20 +62,6 @@ class DemoFusionOutput:
     unet_calls: list = field(default_factory=list)  # UNet forward calls per phase
 
 
-def to_pil(image: torch.Tensor):
-    """[B,3,H,W] in [-1,1] → PIL images (uint8, rounded)."""
-    from ..images import tensor_to_pil
-
-    return tensor_to_pil(image)
-
-
-def from_pil(image, size: tuple[int, int]) -> torch.Tensor:
-    """PIL image, image file or tensor ([B,3,H,W] / [3,H,W] in [-1,1]) → [B,3,h,w] in [-1,1] at ``size``."""
-    from ..images import image_to_tensor
-
-    return image_to_tensor(image, size)
-
-
 def phase_generators(seed: int, phases: int) -> list[torch.Generator]:
     """One CPU generator per phase, seeded by a 62-bit sub-seed drawn from the root seed.
 
@@ -100,16 +90,25 @@ def _needs_noise(scheduler) -> bool:
 class DemoFusionPipeline:
     """DemoFusion on SDXL / SDXL-Turbo components (our UNet, VAE, text encoders, scheduler)."""
 
-    def __init__(self, unet, vae, text, scheduler, mechanisms: Mechanisms | None = None, name: str = "custom"):
+    def __init__(self, unet, vae, text, scheduler, mechanisms: Mechanisms | None = None, name: str = "custom",
+                 device=None):
+        """``device``: where the work runs (default: where the UNet is); the components may wait
+        elsewhere (e.g. in CPU memory): each run brings them as its offload policy says."""
+        from ..devices import resolve_device
+
         self.unet, self.vae, self.text, self.scheduler = unet, vae, text, scheduler
         self.mechanisms = mechanisms or Mechanisms()
         self.name = name
+        self.placement = Placement(unet.device if device is None else resolve_device(device),
+                                   {"text": [text.text_encoder, text.text_encoder_2], "unet": [unet], "vae": [vae]})
+        self.max_memory = self.offload = None  # defaults of every call (from_pretrained sets them)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_preset, device="auto", dtype=None, kind: str | None = None,
                         scheduler=None, variant: str | None = None, vae_dtype=None, seed: int = 0,
-                        allow_pickle: bool = False, tokenizer_path=None):
+                        allow_pickle: bool = False, tokenizer_path=None, max_memory=None, offload: str | None = None,
+                        fp8: bool = False):
         """From a diffusers model folder, a single-file checkpoint, or the preset ``"tiny"``.
 
         ``device="auto"``: CUDA, then MPS, else the CPU; ``dtype=None``: fp16 on CUDA/MPS, fp32 on the CPU.
@@ -120,14 +119,28 @@ class DemoFusionPipeline:
         ``vae_dtype``: defaults to ``dtype`` (fp16 VAE overflow is upcast automatically).
         ``tokenizer_path``: a folder with ``tokenizer/`` and ``tokenizer_2/`` (single files carry
         none; default: the folder itself, else the CLIP vocabulary open_clip_torch ships).
+        ``max_memory`` / ``offload``: the defaults of every call (see ``__call__``); with either,
+        or with ``fp8``, the weights are loaded into CPU memory and each run brings them to
+        ``device`` as its plan says. ``fp8``: store the UNet's weights as float8_e4m3fn (half the
+        bytes; docs/fp8.md for the error it costs).
         """
         from ..devices import default_dtype, resolve_device
+        from .settings import _check_offload
+        from ..memory.plan import parse_budget
 
         device = resolve_device(device)
         dtype = default_dtype(device) if dtype is None else dtype
-        *parts, name = load_components(path_or_preset, device, dtype, kind, scheduler, variant, vae_dtype, seed,
-                                       allow_pickle, tokenizer_path)
-        return cls(*parts, name=name)
+        max_memory, offload = parse_budget(max_memory), _check_offload(offload)
+        at_home = max_memory is not None or offload not in (None, "none") or fp8
+        *parts, name = load_components(path_or_preset, "cpu" if at_home else device, dtype, kind, scheduler, variant,
+                                       vae_dtype, seed, allow_pickle, tokenizer_path)
+        if fp8:
+            from ..fp8 import to_fp8_
+
+            to_fp8_(parts[0])
+        pipe = cls(*parts, name=name + (" (fp8)" if fp8 else ""), device=device)
+        pipe.max_memory, pipe.offload = max_memory, offload
+        return pipe
 
     def compile(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None):
         """``torch.compile`` the UNet in place (the only module on the hot path); returns self.
@@ -147,7 +160,7 @@ class DemoFusionPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.placement.device
 
     @property
     def base_size(self) -> int:
@@ -159,7 +172,15 @@ class DemoFusionPipeline:
         normalised :class:`Settings`, or an :class:`~demofusion.errors.InputError` naming the
         argument and the fix."""
         T = self.scheduler.config.get("num_train_timesteps", 1000)
+        kwargs = {"max_memory": self.max_memory, "offload": self.offload, **kwargs}
         return validate(self.base_size, 8, self.mechanisms, prompt=prompt, num_train_timesteps=T, **kwargs)
+
+    def memory_plan(self, height: int = 3072, width: int = 3072, max_memory=None, prompt="", **kwargs) -> MemoryPlan:
+        """The memory plan of a call with these arguments: offload policy, view batch, VAE tiles, and
+        the estimated peak of every stage (``.stages``, ``.phase_peaks()``) and of the run
+        (``.peak_bytes``, reserve included); measured on fake CUDA copies of our modules, nothing
+        is allocated. An impossible ``max_memory`` raises the call's one-line error."""
+        return plan_run(self, self.validate(prompt, height=height, width=width, max_memory=max_memory, **kwargs))
 
     # ---- the user call -----------------------------------------------------------------------
     @torch.no_grad()
@@ -172,7 +193,7 @@ class DemoFusionPipeline:
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         seed: int = 0,
-        view_batch_size: int = 16,
+        view_batch_size: int | None = None,
         stride: int | None = None,
         cosine_scale_1: float = 3.0,
         cosine_scale_2: float = 1.0,
@@ -203,6 +224,8 @@ class DemoFusionPipeline:
         offload_text_encoders: bool = True,
         progress: bool = False,
         force: bool = False,
+        max_memory=None,
+        offload: str | None = None,
     ) -> DemoFusionOutput:
         """Generate ``height × width`` with DemoFusion. See DESIGN.md §2/§3 and docs/pipeline.md.
 
@@ -222,58 +245,82 @@ class DemoFusionPipeline:
         ``phase_sizes``: explicit (h, w) pixel size of every phase, the last (height, width); phase k
         (1-based) then dilates by k, as in the default schedule. ``force``: allow sizes beyond
         16384 px and phase 1 under half the base size.
+        ``max_memory`` (bytes, "8GB", "8GiB", "auto"): plan placement, view batch and VAE tiles so
+        every stage's estimated peak fits (:meth:`memory_plan`; docs/memory.md); ``offload``:
+        "none", "model" or "sequential" (default "none", or the budget's pick). ``view_batch_size``:
+        views per UNet call, default 16 or fewer under a budget (a given value is kept).
         """
         args = {k: v for k, v in locals().items() if k not in ("self", "prompt")}
         s = self.validate(prompt, **args)
-        denoise = self._denoiser(s)
+        plan = plan_run(self, s, estimate_stages=False)
+        s = dataclasses.replace(s, view_batch_size=plan.view_batch_size)
+        try:
+            return self._run(s, plan)
+        finally:
+            self.placement.finish(plan.offload)  # components wait at home again (after errors too)
+
+    # ---- the steps of a run ------------------------------------------------------------------
+    def _place(self, stage: str, s: Settings, plan: MemoryPlan):
+        """The device holds what ``stage`` ("text", "unet", "vae") needs under the plan's policy."""
+        return self.placement.stage(stage, plan.offload, s.offload_text_encoders)
+
+    def _run(self, s: Settings, plan: MemoryPlan) -> DemoFusionOutput:
+        denoise = self._denoiser(s, plan)
         self.scheduler.set_timesteps(s.num_inference_steps, device=self.device)
         gens = phase_generators(s.seed, s.phases)
         watch = FiniteWatch(likely_cause(self.unet.dtype))
         out = DemoFusionOutput(images=[], latents=[], phase_sizes=s.sizes)
 
         t0 = time.perf_counter()
-        z = self._first_phase(s, denoise, gens[0], watch)
+        z = self._start(s, plan, gens[0])
+        if z is None:
+            with self._place("unet", s, plan):
+                z = self._first_phase(s, denoise, gens[0], watch)
         anchor = z.mean(), z.std()  # statistics every later phase is renormalised to
         if s.first_upscale == 1:
-            self._finish(s, out, 0, z, t0, denoise, done=bool(s.resume_latents))
+            self._finish(s, plan, out, 0, z, t0, denoise, done=bool(s.resume_latents))
         for k in range(s.first_upscale, s.phases):
             if k < len(s.resume_latents):  # finished before: taken as it is
                 z = s.resume_latents[k].to(self.device, torch.float32)
-                self._finish(s, out, k, z, t0, denoise, done=True)
+                self._finish(s, plan, out, k, z, t0, denoise, done=True)
                 continue
             t0 = time.perf_counter()
-            z = self._upscale_phase(s, denoise, k, z, gens[k], watch)
+            with self._place("unet", s, plan):
+                z = self._upscale_phase(s, denoise, k, z, gens[k], watch)
             if s.renormalise:
                 z = self.mechanisms.renormalise(z, *anchor)
             watch.see(z, k + 1, s.num_inference_steps - 1)
             watch.check(k + 1)
-            self._finish(s, out, k, z, t0, denoise)
+            self._finish(s, plan, out, k, z, t0, denoise)
         return out
 
-    # ---- the steps of a run ------------------------------------------------------------------
-    def _denoiser(self, s: Settings) -> Denoiser:
-        """Encode the prompts (text encoders visit the accelerator only for this) → a Denoiser."""
+    def _denoiser(self, s: Settings, plan: MemoryPlan) -> Denoiser:
+        """Encode the prompts (the text encoders are on the device for this only, by default) → a Denoiser."""
         dev, dt = self.device, self.unet.dtype
-        visit = s.offload_text_encoders and dev.type != "cpu"
-        if visit:
-            self.text.to(dev)
-        embeds, neg_embeds, pooled, neg_pooled = self.text.encode_with_negative(
-            s.prompt, s.negative_prompt, prompt_2=s.prompt_2, negative_prompt_2=s.negative_prompt_2, guidance=s.cfg)
-        if visit:
-            self.text.to("cpu")
+        with self._place("text", s, plan):
+            embeds, neg_embeds, pooled, neg_pooled = self.text.encode_with_negative(
+                s.prompt, s.negative_prompt, prompt_2=s.prompt_2, negative_prompt_2=s.negative_prompt_2,
+                guidance=s.cfg)
         on = lambda x: None if x is None else x.to(dev, dt)
         # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dt, device=dev)
         cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids)
-        return Denoiser(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale)
+        return Denoiser(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale, plan.cfg_apart)
+
+    def _start(self, s: Settings, plan: MemoryPlan, g) -> torch.Tensor | None:
+        """The phase-1 result when it is not sampled: the encoded image (img2img: upscaling starts
+        at phase 1) or the resumed latents; else None."""
+        if s.image is not None:
+            with self._place("vae", s, plan):
+                post = encode_image(self.vae, s.image.to(self.device), plan)
+                return post.sample(generator=g).to(self.device) * self.vae.scaling_factor
+        if s.resume_latents:
+            return s.resume_latents[0].to(self.device, torch.float32)
+        return None
 
     def _first_phase(self, s: Settings, denoise: Denoiser, g, watch: FiniteWatch) -> torch.Tensor:
-        """Phase 1: the encoded image (img2img), the resumed latents, or plain SDXL sampling."""
+        """Phase 1: plain SDXL sampling of the whole (small) latent."""
         dev, sched = self.device, self.scheduler
-        if s.image is not None:  # img2img: the encoded image replaces phase 1, upscaling starts at phase 1
-            return self._encode(s.image.to(dev)).sample(generator=g).to(dev) * self.vae.scaling_factor
-        if s.resume_latents:
-            return s.resume_latents[0].to(dev, torch.float32)
         h1, w1 = s.sizes[0][0] // 8, s.sizes[0][1] // 8
         latents = s.latents if s.latents is not None else torch.randn((s.batch, 4, h1, w1), generator=g)
         z = latents.to(dev, torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
@@ -317,9 +364,10 @@ class DemoFusionPipeline:
                 s.callback(k + 1, i, t, z)
         return z
 
-    def _finish(self, s: Settings, out: DemoFusionOutput, k: int, z, t0: float, denoise: Denoiser, done=False):
+    def _finish(self, s: Settings, plan: MemoryPlan, out: DemoFusionOutput, k: int, z, t0: float, denoise: Denoiser,
+                done=False):
         """Record phase k+1: latents, the decoded image (unless latent output or resumed), calls."""
-        image = None if done or s.output_type == "latent" else self._image(s, k, z)
+        image = None if done or s.output_type == "latent" else self._image(s, plan, k, z)
         out.latents.append(z)
         out.images.append(image)
         out.unet_calls.append(0 if done else denoise.calls)
@@ -328,9 +376,11 @@ class DemoFusionPipeline:
         if not done and s.on_phase_end is not None:
             s.on_phase_end(k + 1, image, z)
 
-    def _image(self, s: Settings, k: int, z):
+    def _image(self, s: Settings, plan: MemoryPlan, k: int, z):
         """Decode phase k+1 (checked finite) as ``output_type`` asks; write the preview if asked."""
-        x = check_image(self._decode(z / self.vae.scaling_factor, k, s), k + 1, likely_cause(self.vae.dtype))
+        with self._place("vae", s, plan):
+            x = decode_latents(self.vae, z / self.vae.scaling_factor, k, s, plan)
+        x = check_image(x, k + 1, likely_cause(self.vae.dtype))
         if s.output_type == "pt":
             from ..images import tensor_to_unit
 
@@ -340,22 +390,3 @@ class DemoFusionPipeline:
             s.preview_dir.mkdir(parents=True, exist_ok=True)
             img[0].save(s.preview_dir / f"phase_{k + 1}.png")
         return img[0] if len(img) == 1 else img
-
-    # ---- VAE ---------------------------------------------------------------------------------
-    def _encode(self, x):
-        from ..vae import encode_tiled
-
-        if max(x.shape[-2:]) > self.vae.config.sample_size:
-            return encode_tiled(self.vae, x.to(self.vae.dtype))
-        return self.vae.encode(x.to(self.vae.dtype))
-
-    def _decode(self, z, phase_index: int, s: Settings):
-        from ..vae import decode_tiled, decode_tiled_reference
-
-        if s.reference_compat:
-            if s.multi_decoder and phase_index > 0:
-                return decode_tiled_reference(self.vae, z, sample_size=s.window)
-            return self.vae.decode(z)
-        if s.multi_decoder and max(z.shape[-2:]) * 8 > self.vae.config.sample_size:
-            return decode_tiled(self.vae, z)
-        return self.vae.decode(z)

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
+from ..memory.plan import parse_budget
+from ..placement import POLICIES
 from . import mechanisms as M
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -39,7 +41,7 @@ class Settings:
     num_inference_steps: int
     guidance_scale: float
     seed: int
-    view_batch_size: int
+    view_batch_size: int | None  # None: 16, or fewer when max_memory needs it
     stride: int
     cosine_scale_1: float
     cosine_scale_2: float
@@ -55,6 +57,8 @@ class Settings:
     callback: Callable | None
     on_phase_end: Callable | None
     preview_dir: Path | None
+    max_memory: int | str | None = None  # bytes, "auto" (the device's free memory) or None
+    offload: str | None = None  # "none" | "model" | "sequential"; None: "none", or max_memory's pick
     multi_decoder: bool = True
     view_jitter: bool = True
     reference_compat: bool = False
@@ -236,11 +240,12 @@ def check_size(height: int, width: int, base: int, reference_compat: bool, force
 
 # ---- the one entry point ----------------------------------------------------------------------
 def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negative_prompt=None, height=3072,
-             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, view_batch_size=16, stride=None,
+             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, view_batch_size=None, stride=None,
              cosine_scale_1=3.0, cosine_scale_2=1.0, cosine_scale_3=1.0, sigma=0.8, image=None, latents=None,
              upscale_noise=None, prompt_2=None, negative_prompt_2=None, base_size=None, phases=None,
              phase_sizes=None, output_type="pil", callback=None, on_phase_end=None, preview_dir=None,
-             resume_latents=None, num_train_timesteps: int = 1000, **switches) -> Settings:
+             resume_latents=None, max_memory=None, offload=None, num_train_timesteps: int = 1000,
+             **switches) -> Settings:
     """Check every argument of a run once and return the normalised :class:`Settings`."""
     unknown = set(switches) - set(SWITCHES)
     if unknown:
@@ -276,7 +281,8 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
         guidance_scale=check_float("guidance_scale", guidance_scale, 0.0, 100.0,
                                    hint=" (≤ 1 switches classifier-free guidance off)"),
         seed=check_int("seed", seed, 0, 2**64 - 1),
-        view_batch_size=check_int("view_batch_size", view_batch_size, 1, hint=" (views per UNet call)"),
+        view_batch_size=None if view_batch_size is None else
+        check_int("view_batch_size", view_batch_size, 1, hint=" (views per UNet call; None: what max_memory allows)"),
         stride=stride,
         cosine_scale_1=check_float("cosine_scale_1", cosine_scale_1, 0.0, 1000.0),
         cosine_scale_2=check_float("cosine_scale_2", cosine_scale_2, 0.0, 1000.0),
@@ -285,8 +291,15 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
         base_size=base, sizes=sizes, image=None, latents=None, upscale_noise=None, resume_latents=[],
         output_type=_check_output_type(output_type),
         callback=check_callable("callback", callback), on_phase_end=check_callable("on_phase_end", on_phase_end),
-        preview_dir=_check_dir(preview_dir), **sw)
+        preview_dir=_check_dir(preview_dir), max_memory=parse_budget(max_memory), offload=_check_offload(offload),
+        **sw)
     return _with_tensors(s, image, latents, upscale_noise, resume_latents, vae_scale)
+
+
+def _check_offload(v) -> str | None:
+    if v is not None and v not in POLICIES:
+        raise InputError(f"offload must be one of {', '.join(map(repr, POLICIES))} (or None), got {v!r}")
+    return v
 
 
 def _check_output_type(v) -> str:

@@ -54,7 +54,7 @@ class UNet(nn.Module):
     def embed(self, timestep, text_embeds, time_ids, batch: int, dtype) -> torch.Tensor:
         """emb = time_embedding(fourier(t)) + add_embedding([text_embeds, fourier(time_ids)])."""
         cfg = self.config
-        t = torch.as_tensor(timestep, device=self.device)
+        t = torch.as_tensor(timestep, device=text_embeds.device)  # not self.device: weights may stream
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
         t_feat = sinusoidal_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(t_feat.to(dtype))

@@ -1,0 +1,287 @@
+"""Memory plans: from a budget and the model, what is on the device when (the offload policy), the
+UNet batch (views per call, CFG halves together or apart) and the VAE tiles, so that the estimated
+peak of every stage of the run fits the budget (:func:`plan`).
+
+The plan picks the first of these that fits, cheapest in time first:
+  1. offload "none", then "model", with ``view_batch_size`` 16, 8, 4 (each batch still fills a GPU);
+  2. the same with 2, then 1 view per call, then 1 view with the CFG halves in two calls;
+  3. offload "sequential" (the UNet's weights stream through the device every call) with 16 … 1;
+  the decode taking 2 tiles per call, else 1; only if none of that fits, smaller VAE tiles.
+Placement never changes a value. A smaller batch computes the same sums in other kernels: equal
+to float rounding (≤ 1e-5 relative, measured), bit for bit only where the kernels ignore the batch
+(not promised by cuBLAS or oneDNN); so a ``view_batch_size`` given by the caller is kept as it is.
+Smaller VAE tiles move the cross-fades: the latents are the same, the image differs slightly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..placement import POLICIES
+from .fake import fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
+from .measure import GiB, weight_bytes
+from .stages import Stage, _latent_bytes, decode_peak, unet_calls
+
+DEFAULT_VIEW_BATCH = 16
+SMALLER_TILES = (96, 64, 48, 32)  # latents: only when nothing else fits
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(v, name: str = "max_memory"):
+    """``max_memory`` → bytes (int), ``"auto"`` or None. Strings: a number and a unit, "8GB" (10⁹
+    bytes), "8GiB" (2³⁰), "7.5 GiB", "8000MB"; an int is bytes."""
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v <= 0:
+            raise InputError(f"{name} {v}: a budget must be positive; write it like 8GB or 8GiB")
+        return v
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)\s*", v, re.I) if isinstance(v, str) else None
+    if m is None:
+        raise InputError(f"{name} {v!r}: not a memory size; write it like 8GB (10⁹ bytes), 8GiB (2³⁰), 7.5GiB "
+                         "or 8000MB, or auto (the device's free memory)")
+    n = int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise InputError(f"{name} {v!r}: a budget must be positive")
+    return n
+
+
+def fmt(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a plan needs to know of a pipeline: its configs, dtypes and weight bytes."""
+
+    unet_config: object
+    unet_dtype: torch.dtype
+    fp8: bool
+    vae_config: object
+    decode_dtype: torch.dtype  # float32 when an fp16 VAE that overflows would be upcast
+    text_configs: tuple
+    text_dtype: torch.dtype
+    unet_bytes: int
+    vae_bytes: int
+    text_bytes: int
+    unit_bytes: int  # the largest unit the UNet streams in (offload "sequential")
+
+    @classmethod
+    def of(cls, pipe) -> "Model":
+        from ..fp8 import is_fp8
+        from ..placement import stream_units
+
+        vae, text = pipe.vae, pipe.text
+        upcasts = vae.dtype == torch.float16 and vae.on_fp16_overflow == "upcast" and vae.config.force_upcast
+        vae_bytes = weight_bytes(vae) * (2 if upcasts else 1)
+        encoders = (text.text_encoder, text.text_encoder_2)
+        return cls(pipe.unet.config, pipe.unet.dtype, is_fp8(pipe.unet), vae.config,
+                   torch.float32 if upcasts else vae.dtype, tuple(e.config for e in encoders), text.dtype,
+                   weight_bytes(pipe.unet), vae_bytes, weight_bytes(*encoders),
+                   max(weight_bytes(u) for u in stream_units(pipe.unet)))
+
+
+def preset_model(kind: str = "sdxl-base", dtype=torch.float16, fp8: bool = False, vae_dtype=None) -> Model:
+    """The :class:`Model` of a preset at real shapes (fake CUDA modules: nothing is allocated)."""
+    from types import SimpleNamespace
+
+    from .fake import fake_text, fake_unet
+
+    return Model.of(SimpleNamespace(unet=fake_unet(kind, dtype, fp8), vae=fake_vae("sdxl", vae_dtype or dtype),
+                                    text=fake_text(dtype)))
+
+
+@dataclass(frozen=True)
+class Choice:
+    offload: str = "none"
+    view_batch_size: int = DEFAULT_VIEW_BATCH
+    cfg_apart: bool = False  # the unconditional and conditional halves in two UNet calls
+    decode_tile: int | None = None  # latents; None: the VAE's native size
+    decode_batch: int = 2  # tiles per VAE call
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A run's placement and batches, with the estimated peak of every stage (reserve included)."""
+
+    budget: int | None
+    choice: Choice
+    stages: tuple = ()
+    exact: bool = True  # the latents equal the unbudgeted run's bit for bit (batches unchanged)
+
+    def __getattr__(self, name):  # offload, view_batch_size, cfg_apart, decode_tile, decode_batch
+        if name in {f.name for f in dataclasses.fields(Choice)}:
+            return getattr(self.choice, name)
+        raise AttributeError(name)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated peak of the whole run: its largest stage, reserve included."""
+        return max((st.total for st in self.stages), default=0)
+
+    def phase_peaks(self) -> dict[int, int]:
+        """Estimated peak per phase (0: prompt encoding)."""
+        out: dict[int, int] = {}
+        for st in self.stages:
+            out[st.phase] = max(out.get(st.phase, 0), st.total)
+        return out
+
+    def describe(self) -> str:
+        c = self.choice
+        head = (f"memory plan: offload={c.offload}, view_batch_size={c.view_batch_size}"
+                f"{', CFG halves apart' if c.cfg_apart else ''}, VAE tiles {c.decode_tile or 'native'}"
+                f" × {c.decode_batch} per call; estimated peak {fmt(self.peak_bytes)}"
+                + (f" of {fmt(self.budget)}" if self.budget else ""))
+        rows = [f"  phase {st.phase} {st.name:<6} {fmt(st.total):>10}  (weights {fmt(st.weights)}, "
+                f"activations {fmt(st.activations)}, latents {fmt(st.latents)}, reserve {fmt(st.reserve)}) "
+                f"{st.detail}" for st in self.stages]
+        return "\n".join([head, *rows])
+
+
+# ---- the stages of a run under a choice -------------------------------------------------------
+def _weights(m: Model, policy: str, stage: str, offload_text: bool) -> int:
+    if policy == "none":
+        return m.unet_bytes + m.vae_bytes + (m.text_bytes if stage == "text" or not offload_text else 0)
+    if stage == "unet":
+        return m.unit_bytes if policy == "sequential" else m.unet_bytes
+    return m.text_bytes if stage == "text" else m.vae_bytes
+
+
+def text_stages(m: Model, s, policy: str) -> list[Stage]:
+    act = text_encode_peak(m.text_dtype, s.batch, s.cfg, m.text_configs).activation_bytes
+    return [Stage(0, "text", f"{s.batch} prompt(s)", _weights(m, policy, "text", s.offload_text_encoders), act)]
+
+
+def unet_stages(m: Model, s, c: Choice) -> list[Stage]:
+    rows = 1 if c.cfg_apart or not s.cfg else 2
+    s = dataclasses.replace(s, view_batch_size=c.view_batch_size)
+    out = []
+    for k in range(len(s.resume_latents), s.phases):
+        for paths, views, shape in unet_calls(s, k):
+            b = views * s.batch * rows
+            act = unet_call_peak(m.unet_config, m.unet_dtype, tuple(shape), b, fp8=m.fp8).activation_bytes
+            out.append(Stage(k + 1, "unet", f"{paths}: batch {b} × {shape[0]}×{shape[1]}",
+                             _weights(m, c.offload, "unet", s.offload_text_encoders), act,
+                             _latent_bytes(s, k, s.num_inference_steps, "unet"), b))
+    return out
+
+
+_DECODES: dict = {}
+
+
+def vae_stages(m: Model, s, c: Choice) -> list[Stage]:
+    """Encoding the start image (img2img) and decoding every phase (unless latent output)."""
+    w, out = _weights(m, c.offload, "vae", s.offload_text_encoders), []
+    vae = fake_vae(m.vae_config, m.decode_dtype)
+    if s.image is not None:
+        tile = 8 * (c.decode_tile or m.vae_config.sample_size // vae.scale_factor)
+        px = (min(tile, s.sizes[0][0]), min(tile, s.sizes[0][1]))
+        act = vae_encode_tile_peak(px, m.decode_dtype, c.decode_batch * s.batch, m.vae_config).activation_bytes
+        out.append(Stage(1, "encode", f"tiles of {px[0]}×{px[1]} px", w, act))
+    if s.output_type == "latent":
+        return out
+    for k in range(len(s.resume_latents), s.phases):
+        key = (repr(m.vae_config), m.decode_dtype, s.batch, s.sizes[k], s.multi_decoder, s.reference_compat,
+               k == 0, c.decode_tile, c.decode_batch)
+        if key not in _DECODES:
+            _DECODES[key] = decode_peak(s, k, vae, c.decode_tile, c.decode_batch)
+        act, detail = _DECODES[key]
+        out.append(Stage(k + 1, "decode", detail, w, act, _latent_bytes(s, k, s.num_inference_steps, "decode")))
+    return out
+
+
+def estimate(m: Model, s, c: Choice) -> list[Stage]:
+    """Every stage of run ``s`` under choice ``c``, in run order."""
+    stages = text_stages(m, s, c.offload) + unet_stages(m, s, c) + vae_stages(m, s, c)
+    return sorted(stages, key=lambda st: (st.phase, st.name != "text", st.name == "decode"))
+
+
+# ---- choosing ---------------------------------------------------------------------------------
+def _batches(s, auto: bool) -> tuple[list, list]:
+    """(fast, slow) UNet batch options: (views per call, CFG apart)."""
+    if not auto:
+        return [(s.view_batch_size, False)], []
+    sizes = [v for v in (16, 8, 4, 2, 1) if v <= DEFAULT_VIEW_BATCH]
+    fast = [(v, False) for v in sizes if v >= 4]
+    return fast, [(v, False) for v in sizes if v < 4] + ([(1, True)] if s.cfg else [])
+
+
+def _decodes(m: Model, s, shrink: bool) -> list[tuple]:
+    out = [(None, 2), (None, 1)]
+    native = m.vae_config.sample_size // 8
+    if shrink and s.multi_decoder and not s.reference_compat:
+        out += [(t, 1) for t in SMALLER_TILES if t < native]
+    return out
+
+
+def plan(m: Model, s, budget: int | None = None, offload: str | None = None, auto_batch: bool = False,
+         estimate_stages: bool = True) -> MemoryPlan:
+    """The cheapest choice whose every stage fits ``budget`` (bytes; None: no budget, the caller's
+    choice as it is). ``offload`` restricts the policy; ``auto_batch``: the view batch is ours to
+    choose (the caller gave none). A budget nothing fits is a one-line :class:`InputError` naming
+    the smallest budget that works and the ways below it."""
+    vbs = s.view_batch_size or DEFAULT_VIEW_BATCH
+    s = dataclasses.replace(s, view_batch_size=vbs)
+    if budget is None:
+        c = Choice(offload or "none", vbs)
+        return MemoryPlan(None, c, tuple(estimate(m, s, c)) if estimate_stages else ())
+    policies = [offload] if offload else list(POLICIES)
+    fast, slow = _batches(s, auto_batch)
+    quick = [p for p in policies if p != "sequential"]
+    order = [(p, b) for p in quick for b in fast] + [(p, b) for p in quick for b in slow] + \
+            [(p, b) for p in policies if p == "sequential" for b in fast + slow]
+    fits = lambda stages: all(st.total <= budget for st in stages)
+    for shrink in (False, True):
+        for policy, (v, apart) in order:
+            c = Choice(policy, v, apart)
+            if not (fits(text_stages(m, s, policy)) and fits(unet_stages(m, s, c))):
+                continue
+            for tile, tb in _decodes(m, s, shrink):
+                c = dataclasses.replace(c, decode_tile=tile, decode_batch=tb)
+                if fits(vae_stages(m, s, c)):
+                    return MemoryPlan(budget, c, tuple(estimate(m, s, c)), exact=v == vbs and not apart)
+    _too_small(m, s, budget, policies[-1], (fast + slow)[-1], _decodes(m, s, True)[-1])
+
+
+def _too_small(m: Model, s, budget: int, policy: str, batch: tuple, decode: tuple):
+    c = Choice(policy, *batch, *decode)
+    stages = estimate(m, s, c)
+    worst = max(stages, key=lambda st: st.total)
+    ways = ["a smaller height/width"]
+    if worst.name == "unet" and not m.fp8:
+        ways.insert(0, "fp8 UNet weights (fp8=True)")
+    if s.batch > 1:
+        ways.append("fewer prompts per call")
+    if worst.name == "decode":
+        ways.insert(0, "output_type='latent' (decode later)")
+    raise InputError(f"max_memory={fmt(budget)} is too small for this run: it needs at least "
+                     f"{fmt(worst.total)} (offload={policy}, view_batch_size={batch[0]}, at phase {worst.phase} "
+                     f"{worst.name}); below that: {', '.join(ways)}, or device='cpu'")
+
+
+def budget_of(pipe, max_memory) -> int | None:
+    """``max_memory`` in bytes; ``"auto"``: on CUDA the device's free memory plus what this
+    process's allocator already holds (its own weights among it); elsewhere no budget."""
+    if max_memory != "auto":
+        return max_memory
+    dev = pipe.device
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(dev)
+    return free + torch.cuda.memory_reserved(dev)
+
+
+def plan_run(pipe, s, estimate_stages: bool = True, model: Model | None = None) -> MemoryPlan:
+    """The plan of run ``s`` (validated settings) on ``pipe`` (``model``: its description, if
+    ``pipe`` only names the device): its budget, offload and batch."""
+    budget = budget_of(pipe, s.max_memory)
+    if budget is None and not estimate_stages:  # nothing to measure: the caller's choice as it is
+        return MemoryPlan(None, Choice(s.offload or "none", s.view_batch_size or DEFAULT_VIEW_BATCH))
+    return plan(model or Model.of(pipe), s, budget, s.offload, auto_batch=s.view_batch_size is None,
+                estimate_stages=estimate_stages)

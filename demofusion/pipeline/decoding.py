@@ -1,0 +1,48 @@
+"""The VAE's part of a run: encoding the start image (img2img) and decoding each phase, whole or
+in tiles (the memory plan's tile size and tiles per call; the reference's tiles under
+``reference_compat``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..memory.plan import MemoryPlan
+from ..vae import decode_tiled, decode_tiled_reference, encode_tiled
+from .settings import Settings
+
+
+def to_pil(image: torch.Tensor):
+    """[B,3,H,W] in [-1,1] → PIL images (uint8, rounded)."""
+    from ..images import tensor_to_pil
+
+    return tensor_to_pil(image)
+
+
+def from_pil(image, size: tuple[int, int]) -> torch.Tensor:
+    """PIL image, image file or tensor ([B,3,H,W] / [3,H,W] in [-1,1]) → [B,3,h,w] in [-1,1] at ``size``."""
+    from ..images import image_to_tensor
+
+    return image_to_tensor(image, size)
+
+
+def tile_latents(vae, plan: MemoryPlan) -> int:
+    """VAE tile side in latents: the plan's, else the VAE's native size (128 for SDXL)."""
+    return plan.decode_tile or vae.config.sample_size // vae.scale_factor
+
+
+def encode_image(vae, x, plan: MemoryPlan):
+    """The posterior of image ``x`` ([B,3,H,W] in [-1, 1]), in tiles when larger than one."""
+    if max(x.shape[-2:]) > 8 * tile_latents(vae, plan):
+        return encode_tiled(vae, x.to(vae.dtype), tile_size=plan.decode_tile, batch_size=plan.decode_batch)
+    return vae.encode(x.to(vae.dtype))
+
+
+def decode_latents(vae, z, phase_index: int, s: Settings, plan: MemoryPlan):
+    """Unscaled latents of phase ``phase_index`` (0-based) → image in [-1, 1]."""
+    if s.reference_compat:
+        if s.multi_decoder and phase_index > 0:
+            return decode_tiled_reference(vae, z, sample_size=s.window)
+        return vae.decode(z)
+    if s.multi_decoder and max(z.shape[-2:]) > tile_latents(vae, plan):
+        return decode_tiled(vae, z, tile_size=plan.decode_tile, batch_size=plan.decode_batch)
+    return vae.decode(z)
