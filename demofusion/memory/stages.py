@@ -109,14 +109,18 @@ def decode_peak(s, k: int, vae, tile: int | None = None, tile_batch: int = 2) ->
 
 def _latent_bytes(s, k: int, steps: int, stage: str) -> int:
     """Latent working set of phase ``k`` besides the module call (fp32; the reference keeps all
-    ``steps`` noised copies of the upsampled latent too, in fp16)."""
+    ``steps`` noised copies of the upsampled latent too, in fp16), and what earlier phases left on
+    the device: their latents, and their images when ``output_type="pt"``."""
     h, w = s.sizes[k][0] // 8, s.sizes[k][1] // 8
     latent = s.batch * 4 * h * w * 4
+    kept = sum(s.batch * 4 * (a // 8) * (b // 8) * 4 for a, b in s.sizes[:k])
+    if getattr(s, "output_type", "pil") == "pt":
+        kept += sum(s.batch * 3 * a * b * 4 for a, b in s.sizes[:k])
     noised = steps * latent // 2 if s.reference_compat and k >= s.first_upscale else 0
     if stage == "decode":
-        return 2 * latent + noised  # z and z / scaling_factor
+        return 2 * latent + noised + kept  # z and z / scaling_factor
     views = sum(n for _, n, _ in view_paths(s, k)) if k >= s.first_upscale else 0
-    return LATENT_COPIES * latent + VIEW_COPIES * views * s.batch * 4 * s.window**2 * 4 + noised
+    return LATENT_COPIES * latent + VIEW_COPIES * views * s.batch * 4 * s.window**2 * 4 + noised + kept
 
 
 def stage_table(height: int, width: int, view_batch_size: int = 16, cfg: bool = True, dtype=torch.float16, *,

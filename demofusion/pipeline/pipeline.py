@@ -172,7 +172,8 @@ class DemoFusionPipeline:
         normalised :class:`Settings`, or an :class:`~demofusion.errors.InputError` naming the
         argument and the fix."""
         T = self.scheduler.config.get("num_train_timesteps", 1000)
-        kwargs = {"max_memory": self.max_memory, "offload": self.offload, **kwargs}
+        for k in ("max_memory", "offload"):  # the pipeline's defaults (from_pretrained) unless given
+            kwargs[k] = getattr(self, k) if kwargs.get(k) is None else kwargs[k]
         return validate(self.base_size, 8, self.mechanisms, prompt=prompt, num_train_timesteps=T, **kwargs)
 
     def memory_plan(self, height: int = 3072, width: int = 3072, max_memory=None, prompt="", **kwargs) -> MemoryPlan:
