@@ -74,6 +74,19 @@ def test_cli_dry_run_prints_the_plan(capsys):
     assert re.search(r"phase 2 unet .*batch \d+", out) and "phase 0 text" in out and "phase 2 decode" in out
 
 
+def test_cli_fp8_is_part_of_the_run(tmp_path, capsys):
+    import json
+
+    args = ["generate", "--height", "256", "--width", "256", "--steps", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--fp8", "--max-memory", "4GiB", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / x / "run.json").read_text()) for x in "ab")
+    assert (a["fp8"], b["fp8"], b["max_memory"]) == (False, True, "4GiB") and a["run_id"] != b["run_id"]
+    capsys.readouterr()
+    assert main(["generate", "--resume", str(tmp_path / "a"), "--fp8"]) == 2  # it changes the pixels
+    assert "--fp8" in capsys.readouterr().err
+
+
 # ---- placement never changes a value -----------------------------------------------------------
 def _run(pipe, **kw):
     seen = []  # (phase, UNet at home, VAE at home, text at home) during every step

@@ -137,7 +137,8 @@ class MemoryPlan:
         head = (f"memory plan: offload={c.offload}, view_batch_size={c.view_batch_size}"
                 f"{', CFG halves apart' if c.cfg_apart else ''}, VAE tiles {c.decode_tile or 'native'}"
                 f" × {c.decode_batch} per call; estimated peak {fmt(self.peak_bytes)}"
-                + (f" of {fmt(self.budget)}" if self.budget else ""))
+                + (f" of {fmt(self.budget)}" if self.budget else "")
+                + ("" if self.exact else "; fewer views per call than without a budget: latents equal to float rounding"))
         rows = [f"  phase {st.phase} {st.name:<6} {fmt(st.total):>10}  (weights {fmt(st.weights)}, "
                 f"activations {fmt(st.activations)}, latents {fmt(st.latents)}, reserve {fmt(st.reserve)}) "
                 f"{st.detail}" for st in self.stages]
