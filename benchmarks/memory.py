@@ -67,7 +67,7 @@ def budget_cell(h: int, w: int, budget_gib: float | None, dtype, fp8: bool) -> s
         return "does not fit"
     c = p.choice
     how = f"{c.offload}, vbs {c.view_batch_size}{' apart' if c.cfg_apart else ''}" + \
-        (f", tiles {c.decode_tile}" if c.decode_tile else "") + (f" ×{c.decode_batch}" if c.decode_batch != 2 else "")
+        (f", tiles {c.decode_tile}" if c.decode_tile else "") + (f" ×{c.decode_batch}" if c.decode_batch != 1 else "")
     return f"{gib(p.peak_bytes)} ({how})"
 
 
@@ -114,7 +114,7 @@ def report(sizes, vbs, dtype, command: str, budgets=(24, 12, 8, 6)) -> str:
         + ", ".join(f"{k} {gib(v)}" for k, v in w.items()) + " GiB.",
         "",
         "*ours N*: view_batch_size N, no budget (offload none); text encoders on the GPU only while",
-        "encoding; decode tiles of ≤ 1024 px, 2 per call, sized for fp32 (the released SDXL VAE overflows in",
+        "encoding; decode tiles of ≤ 1024 px, 1 per call, sized for fp32 (the released SDXL VAE overflows in",
         "fp16 and is upcast). *ref. N*: the PRIS-CV pipeline as it runs, same view_batch_size (text encoders",
         "stay on the GPU; its VAE upcast to fp32 to decode 1024-px windows around 256-px cores, one per",
         "call; local and global views in separate batches).",
@@ -135,7 +135,7 @@ def report(sizes, vbs, dtype, command: str, budgets=(24, 12, 8, 6)) -> str:
     plans = ["### max_memory plans", "",
              "Peak of the run under `max_memory` (GiB budgets; *none*: no budget, view_batch_size 16) with the",
              "plan it picks: offload policy, views per UNet call (*apart*: the CFG halves in two calls), VAE",
-             "tiles per call (×1) or smaller tiles; *fp8*: the UNet's weights stored as fp8 (`fp8=True`).", "",
+             "tiles of fewer latents when nothing else fits; *fp8*: the UNet's weights stored as fp8 (`fp8=True`).", "",
              *budget_table(sizes, budgets, dtype)]
     summary = ["### Stages", "", "Peak of the run (its largest stage), by view_batch_size:", "",
                "| size | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)] + summary + [""]
