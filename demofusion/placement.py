@@ -110,6 +110,16 @@ class Placement:
         home = table[name] = self._home[(id(m), name)] = _as(table, t, m)
         return home
 
+    def move_all(self, device) -> None:
+        """Every component to ``device``, which becomes the one work runs on (home copies dropped)."""
+        from .devices import resolve_device
+
+        self.device = resolve_device(device)
+        for modules in self.components.values():
+            for m in modules:
+                m.to(self.device)
+        self._home.clear()
+
     # ---- stages ------------------------------------------------------------------------------
     def needed(self, stage: str, policy: str, offload_text_encoders: bool = True) -> set[str]:
         """Components on the device during ``stage`` ("text", "unet" or "vae")."""
@@ -131,9 +141,10 @@ class Placement:
             if name not in needed:
                 self.send_home(modules)
         streamed = policy == "sequential" and stage == "unet"
-        for name in needed:
+        for name in needed:  # under "none" only visiting text encoders keep their home copies
             if not streamed:
-                self.bring(self.components[name], keep_home=policy != "none")
+                self.bring(self.components[name], keep_home=policy != "none" or name == "text" and
+                           stage == "text" and offload_text_encoders)
         with self._streaming(self.components["unet"]) if streamed else contextlib.nullcontext():
             yield
 

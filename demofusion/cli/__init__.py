@@ -11,6 +11,7 @@ import sys
 
 from ..errors import InputError, NonFiniteError
 from ..outputs import META_KEY, RUN_FILE, read_png_params, save_png
+from . import ranks
 from .ablate import cmd_ablate, contact_sheet
 from .args import ABLATIONS, KNOBS, SWITCHES, build_parser
 from .common import CLIError, load_pipeline, model_fingerprint
@@ -74,3 +75,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error ({type(e).__name__}: {_line(e)}); run again with --debug for the traceback "
               "and please report it", file=sys.stderr)
         return 1
+    finally:
+        ranks.leave()  # under torchrun: leave the process group

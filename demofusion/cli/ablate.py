@@ -59,6 +59,10 @@ def contact_sheet(images: list, labels: list[str], cols: int | None = None, labe
 
 
 def cmd_ablate(args) -> int:
+    from . import ranks
+
+    if ranks.world_size() > 1:
+        raise CLIError("ablate runs as one process (its cells are short); under torchrun use `generate`")
     params = defaults() | {k: v for k, v in vars(args).items() if v is not None and k in defaults()}
     params["device"] = check_device(params["device"])
     params["dtype"] = check_dtype(params["dtype"], params["device"])

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .. import __version__
+from . import ranks
 from ..errors import InputError
 from ..outputs import (RUN_FILE, check_output_folder, load_latents, new_run_folder, read_png_params, save_latents,
                        save_png, write_json)
@@ -154,6 +155,9 @@ def cmd_generate(args) -> int:
 
     params, out, resuming = settle_params(args)
     params["device"] = check_device(params["device"], present=not getattr(args, "dry_run", False))  # a plan for another machine
+    if not getattr(args, "dry_run", False):
+        params["device"] = ranks.join(params["device"])  # under torchrun: this rank's device
+    writer = ranks.is_writer()
     params["dtype"] = check_dtype(params["dtype"], params["device"])
     check_compile(args.compile)
     print(f"demofusion {__version__}: {params['model']} on {params['device']} in {params['dtype']}")
@@ -173,7 +177,7 @@ def cmd_generate(args) -> int:
         return 0
     t0 = time.perf_counter()
     pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")))
-    out = out if resuming else _prepare_folder(out, args, params)
+    out = out if resuming or not writer else _prepare_folder(out, args, params)
     fp = model_fingerprint(pipe, params["model"])
     if resuming and params.get("model_hash") not in (None, fp):
         raise CLIError(f"--resume {out}: the model differs from the one this run started with (hash {fp}, "
@@ -184,16 +188,18 @@ def cmd_generate(args) -> int:
     params.update(model_hash=fp, sampler=sampler_name(pipe.scheduler), version=__version__)
     params["run_id"] = run_id(params) if not resuming else params["run_id"]
     done = finished_phases(out, params, settings) if resuming else []
-    if not resuming:
+    if not resuming and writer:
         write_json(out / RUN_FILE, params)
-    warn_long_prompt(pipe, params)
+    if writer:
+        warn_long_prompt(pipe, params)
     print(f"resuming {out}: phases 1–{len(done)} already finished" if done else f"writing to {out}")
 
     def on_phase_end(k, image, latents):
         h, w = settings.sizes[k - 1]
-        save_latents(out / f"phase_{k}.safetensors", latents.detach(),
-                     {"run_id": params["run_id"], "phase": str(k), "size": f"{h}x{w}"})
-        if image is not None:
+        if writer:  # every rank holds the same phase; rank 0 writes it
+            save_latents(out / f"phase_{k}.safetensors", latents.detach(),
+                         {"run_id": params["run_id"], "phase": str(k), "size": f"{h}x{w}"})
+        if image is not None and writer:
             save_png(image, out / f"phase_{k}.png", {**params, "phase": k})
             print(f"phase {k}: {image.width}×{image.height} → {out / f'phase_{k}.png'}")
         if args.stop_after_phase is not None and k >= args.stop_after_phase:

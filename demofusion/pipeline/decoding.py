@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import parallel
 from ..memory.plan import MemoryPlan
 from ..vae import decode_tiled, decode_tiled_reference, encode_tiled
 from .settings import Settings
@@ -30,10 +31,12 @@ def tile_latents(vae, plan: MemoryPlan) -> int:
     return plan.decode_tile or vae.config.sample_size // vae.scale_factor
 
 
-def encode_image(vae, x, plan: MemoryPlan):
-    """The posterior of image ``x`` ([B,3,H,W] in [-1, 1]), in tiles when larger than one."""
+def encode_image(vae, x, plan: MemoryPlan, s: Settings):
+    """The posterior of image ``x`` ([B,3,H,W] in [-1, 1]), in tiles when larger than one (shared
+    by the ranks of a process group, as the denoising is)."""
     if max(x.shape[-2:]) > 8 * tile_latents(vae, plan):
-        return encode_tiled(vae, x.to(vae.dtype), tile_size=plan.decode_tile, batch_size=plan.decode_batch)
+        return encode_tiled(vae, x.to(vae.dtype), tile_size=plan.decode_tile, batch_size=plan.decode_batch,
+                            runner=parallel.runner(s.distributed))
     return vae.encode(x.to(vae.dtype))
 
 
@@ -44,5 +47,6 @@ def decode_latents(vae, z, phase_index: int, s: Settings, plan: MemoryPlan):
             return decode_tiled_reference(vae, z, sample_size=s.window)
         return vae.decode(z)
     if s.multi_decoder and max(z.shape[-2:]) > tile_latents(vae, plan):
-        return decode_tiled(vae, z, tile_size=plan.decode_tile, batch_size=plan.decode_batch)
+        return decode_tiled(vae, z, tile_size=plan.decode_tile, batch_size=plan.decode_batch,
+                            runner=parallel.runner(s.distributed))
     return vae.decode(z)

@@ -7,12 +7,28 @@ upscaling phase — local and global paths from the same z, denoised together, f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .. import parallel
+from ..parallel import Serial
 from .mechanisms import Views
 from .settings import Settings
+
+
+def steps_of(timesteps, phase: int, phases: int, progress: bool):
+    """The timesteps, behind a tqdm bar per phase when ``progress``."""
+    if not progress or parallel.rank() != 0:  # one bar, on rank 0
+        return timesteps
+    from tqdm.auto import tqdm
+
+    return tqdm(timesteps, desc=f"phase {phase}/{phases}", unit="step", leave=True)
+
+
+def needs_noise(scheduler) -> bool:
+    name = type(scheduler).__name__
+    return name == "EulerAncestralDiscreteScheduler" or (name == "DDIMScheduler" and scheduler.config.get("eta", 0) > 0)
 
 
 @dataclass
@@ -35,7 +51,8 @@ class Denoiser:
     view_batch_size: int
     guidance_scale: float
     cfg_apart: bool = False  # the unconditional and conditional halves in two UNet calls (less memory)
-    calls: int = 0  # UNet forward calls so far
+    runner: object = field(default_factory=Serial)  # who runs which chunk (demofusion.parallel)
+    calls: int = 0  # UNet forward calls so far (all ranks' together: one process's count)
 
     @property
     def cfg(self) -> bool:
@@ -48,8 +65,10 @@ class Denoiser:
         host). ``scale_index(k)``: the σ index used to scale chunk k's input (None: i, the correct one)."""
         B, c, sched = self.batch, self.cond, self.scheduler
         chunk = self.view_batch_size * B
-        out = []
-        for k, a in enumerate(range(0, to_step.shape[0], chunk)):
+        starts = list(range(0, to_step.shape[0], chunk))
+
+        def one(k: int) -> torch.Tensor:  # chunk k: guided UNet call(s), then its scheduler step
+            a = starts[k]
             x, src = model_in[a : a + chunk], to_step[a : a + chunk]
             idx = scale_index(k)
             x = sched.scale_model_input_at(x, i if idx is None else idx)
@@ -71,12 +90,14 @@ class Denoiser:
                 eps = self._unet(src.dtype, x, t, emb, pooled, time_ids)
             if self.cfg:
                 eps = uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
-            out.append(sched.step_at(eps, i, src, noise=None if noise is None else noise[a : a + chunk]))
-        return torch.cat(out)
+            return sched.step_at(eps, i, src, noise=None if noise is None else noise[a : a + chunk])
+
+        rows = [min(chunk, to_step.shape[0] - a) for a in starts]
+        self.calls += len(rows) * (2 if self.cfg and self.cfg_apart else 1)  # as one process makes them
+        return torch.cat(self.runner.map(one, rows, to_step))
 
     def _unet(self, dtype, x, t, emb, pooled, time_ids):
         """One UNet call; ε in ``dtype`` (the latents', float32: guidance combines in it)."""
-        self.calls += 1
         return self.unet(x, t, emb, pooled, time_ids).to(dtype)
 
     def paths(self, paths: list[Views], noise, t, i: int, compat: bool, scale_index):

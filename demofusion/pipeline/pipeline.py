@@ -24,10 +24,11 @@ from typing import Callable
 import torch
 
 from ..memory.plan import MemoryPlan, plan_run
+from .. import parallel
 from ..placement import Placement
 from . import mechanisms as M
 from .decoding import decode_latents, encode_image, from_pil, to_pil  # noqa: F401 (re-exported)
-from .denoise import Conditioning, Denoiser, upscale_step
+from .denoise import Conditioning, Denoiser, needs_noise, steps_of, upscale_step
 from .guards import FiniteWatch, check_image, likely_cause
 from .loading import load_components, save_components
 from .settings import Settings, validate
@@ -71,20 +72,6 @@ def phase_generators(seed: int, phases: int) -> list[torch.Generator]:
     root = torch.Generator().manual_seed(seed)
     with unset_fake_temporarily():
         return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (phases,), generator=root)]
-
-
-def _steps(timesteps, phase: int, phases: int, progress: bool):
-    """The timesteps, behind a tqdm bar per phase when ``progress``."""
-    if not progress:
-        return timesteps
-    from tqdm.auto import tqdm
-
-    return tqdm(timesteps, desc=f"phase {phase}/{phases}", unit="step", leave=True)
-
-
-def _needs_noise(scheduler) -> bool:
-    name = type(scheduler).__name__
-    return name == "EulerAncestralDiscreteScheduler" or (name == "DDIMScheduler" and scheduler.config.get("eta", 0) > 0)
 
 
 class DemoFusionPipeline:
@@ -162,6 +149,11 @@ class DemoFusionPipeline:
     def device(self) -> torch.device:
         return self.placement.device
 
+    def to(self, device):
+        """Work on ``device`` from now on, every component moved there; returns self."""
+        self.placement.move_all(device)
+        return self
+
     @property
     def base_size(self) -> int:
         """The model's native size in pixels (UNet sample_size × 8)."""
@@ -225,6 +217,7 @@ class DemoFusionPipeline:
         offload_text_encoders: bool = True,
         progress: bool = False,
         force: bool = False,
+        distributed: bool = True,
         max_memory=None,
         offload: str | None = None,
     ) -> DemoFusionOutput:
@@ -250,6 +243,8 @@ class DemoFusionPipeline:
         every stage's estimated peak fits (:meth:`memory_plan`; docs/memory.md); ``offload``:
         "none", "model" or "sequential" (default "none", or the budget's pick). ``view_batch_size``:
         views per UNet call, default 16 or fewer under a budget (a given value is kept).
+        ``distributed``: inside an initialised process group of several ranks, the views of each
+        step are shared among them, with the one-process result on every rank (docs/distributed.md).
         """
         args = {k: v for k, v in locals().items() if k not in ("self", "prompt")}
         s = self.validate(prompt, **args)
@@ -306,14 +301,15 @@ class DemoFusionPipeline:
         # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dt, device=dev)
         cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids)
-        return Denoiser(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale, plan.cfg_apart)
+        return Denoiser(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale, plan.cfg_apart,
+                        parallel.runner(s.distributed))
 
     def _start(self, s: Settings, plan: MemoryPlan, g) -> torch.Tensor | None:
         """The phase-1 result when it is not sampled: the encoded image (img2img: upscaling starts
         at phase 1) or the resumed latents; else None."""
         if s.image is not None:
             with self._place("vae", s, plan):
-                post = encode_image(self.vae, s.image.to(self.device), plan)
+                post = encode_image(self.vae, s.image.to(self.device), plan, s)
                 return post.sample(generator=g).to(self.device) * self.vae.scaling_factor
         if s.resume_latents:
             return s.resume_latents[0].to(self.device, torch.float32)
@@ -326,8 +322,8 @@ class DemoFusionPipeline:
         latents = s.latents if s.latents is not None else torch.randn((s.batch, 4, h1, w1), generator=g)
         z = latents.to(dev, torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
         full = torch.zeros(s.batch, 2, dtype=torch.long)
-        stochastic = _needs_noise(sched)
-        for i, t in enumerate(_steps(sched.timesteps, 1, s.phases, s.progress)):
+        stochastic = needs_noise(sched)
+        for i, t in enumerate(steps_of(sched.timesteps, 1, s.phases, s.progress)):
             nz = torch.randn(z.shape, generator=g).to(dev) if stochastic else None
             z = denoise(z, z, full, t, i, nz, lambda k: None)
             watch.see(z, 1, i)
@@ -341,14 +337,14 @@ class DemoFusionPipeline:
         mech, sched = self.mechanisms, self.scheduler
         timesteps = sched.timesteps
         N, T = len(timesteps), sched.config.get("num_train_timesteps", 1000)
-        stochastic = _needs_noise(sched)
+        stochastic = needs_noise(sched)
         z_up = mech.upsample_latents(z, (s.sizes[k][0] // 8, s.sizes[k][1] // 8))
         eps = s.upscale_noise[k - s.first_upscale] if s.upscale_noise is not None else torch.randn(z_up.shape, generator=g)
         eps = eps.to(self.device, z_up.dtype)
         z = sched.add_noise_at(z_up, eps, 0)  # ẑ_0
         # the scheduler is addressed by step index and c comes from the CPU copy of the timesteps:
         # nothing on the device is read on the host during the phase (t goes to the UNet only)
-        for i, t in enumerate(_steps(timesteps, k + 1, s.phases, s.progress)):
+        for i, t in enumerate(steps_of(timesteps, k + 1, s.phases, s.progress)):
             c = mech.cosine_factor(sched.timesteps_cpu[i], T)
             if s.skip_residual:
                 z = mech.skip_residual(z, sched.add_noise_at(z_up, eps, i), c, s.cosine_scale_1)

@@ -25,7 +25,7 @@ from . import mechanisms as M
 OUTPUT_TYPES = ("pil", "pt", "latent")
 MAX_SIDE = 16384  # px; larger targets are refused unless force=True
 SWITCHES = ("multi_decoder", "view_jitter", "reference_compat", "skip_residual", "local_paths", "dilated_sampling",
-            "dilated_blur", "renormalise", "offload_text_encoders", "progress", "force")
+            "dilated_blur", "renormalise", "offload_text_encoders", "progress", "force", "distributed")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class Settings:
     offload_text_encoders: bool = True
     progress: bool = False
     force: bool = False
+    distributed: bool = True  # inside a process group of > 1 rank: share the views (demofusion.parallel)
 
     @property
     def batch(self) -> int:

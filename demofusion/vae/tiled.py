@@ -105,11 +105,14 @@ def _blend_tiles(
     compute_device: torch.device,
     out_dtype: torch.dtype,
     out_device,
+    runner=None,
 ) -> torch.Tensor:
     """Apply ``fn`` to overlapping tiles of ``x`` and cross-fade the results.
 
     Positions are in latent-grid units: a tile at grid offset g reads ``x`` from ``g·in_mul``
-    and writes the output from ``g·out_mul``.
+    and writes the output from ``g·out_mul``. ``runner`` (:mod:`demofusion.parallel`): under a
+    process group, each round of batches is shared by the ranks (one batch each), gathered, and
+    blended in the one-process order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -119,17 +122,29 @@ def _blend_tiles(
     out_device = x.device if out_device is None else torch.device(out_device)
     out = torch.zeros(b, out_channels, gh * out_mul, gw * out_mul, dtype=out_dtype, device=out_device)
     tiles = [(i, j) for i in range(len(hs)) for j in range(len(ws))]
-    for k in range(0, len(tiles), batch_size):
-        chunk = tiles[k : k + batch_size]
+    batches = [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]
+    if runner is None:
+        from ..parallel import Serial
+
+        runner = Serial()
+
+    def run(chunk) -> torch.Tensor:
         inp = torch.cat([
             x[:, :, hs[i] * in_mul : (hs[i] + th) * in_mul, ws[j] * in_mul : (ws[j] + tw) * in_mul]
             for i, j in chunk
         ]).to(compute_device)
-        res = fn(inp).to(out_device, out_dtype)
-        for n, (i, j) in enumerate(chunk):
-            weight = (wh[i][:, None] * ww[j][None, :]).to(out_device, out_dtype)
-            y, xo = hs[i] * out_mul, ws[j] * out_mul
-            out[:, :, y : y + weight.shape[0], xo : xo + weight.shape[1]] += res[n * b : (n + 1) * b] * weight
+        return fn(inp).to(dtype=out_dtype)
+
+    like = torch.empty(0, out_channels, th * out_mul, tw * out_mul, dtype=out_dtype, device=compute_device)
+    for r0 in range(0, len(batches), runner.world):  # one batch per rank at a time
+        group = batches[r0 : r0 + runner.world]
+        decoded = runner.map(lambda q: run(group[q]), [len(c) * b for c in group], like)
+        for chunk, res in zip(group, decoded):
+            res = res.to(out_device)
+            for n, (i, j) in enumerate(chunk):
+                weight = (wh[i][:, None] * ww[j][None, :]).to(out_device, out_dtype)
+                y, xo = hs[i] * out_mul, ws[j] * out_mul
+                out[:, :, y : y + weight.shape[0], xo : xo + weight.shape[1]] += res[n * b : (n + 1) * b] * weight
     return out
 
 
@@ -148,6 +163,7 @@ def decode_tiled(
     batch_size: int = 2,
     out_dtype: torch.dtype = torch.float32,
     out_device=None,
+    runner=None,
 ) -> torch.Tensor:
     """Decode unscaled latents ``z`` [B,4,h,w] → image [B,3,8h,8w] in overlapping, blended tiles.
 
@@ -163,7 +179,7 @@ def decode_tiled(
     tile, overlap = _defaults(vae, tile_size, overlap)
     sf = vae.scale_factor
     return _blend_tiles(vae.decode, z, tuple(z.shape[2:]), 1, sf, vae.config.out_channels, tile, overlap,
-                        batch_size, vae.device, out_dtype, out_device)
+                        batch_size, vae.device, out_dtype, out_device, runner)
 
 
 def encode_tiled(
@@ -173,6 +189,7 @@ def encode_tiled(
     overlap: int | None = None,
     batch_size: int = 2,
     out_device=None,
+    runner=None,
 ) -> DiagonalGaussian:
     """Encode a large image ``x`` [B,3,H,W] (H, W multiples of 8) in overlapping tiles.
 
@@ -190,7 +207,7 @@ def encode_tiled(
 
     grid = (x.shape[2] // sf, x.shape[3] // sf)
     m = _blend_tiles(moments, x, grid, sf, 1, 2 * vae.config.latent_channels, tile, overlap,
-                     batch_size, vae.device, torch.float32, out_device)
+                     batch_size, vae.device, torch.float32, out_device, runner)
     return DiagonalGaussian(m)
 
 

@@ -1,0 +1,104 @@
+"""View parallelism: the work-count model (per phase, size and rank count) and a measured CPU speed-up.
+
+    python benchmarks/distributed.py                       # the model (SDXL, stride 64) + a 2-process CPU run
+    python benchmarks/distributed.py --no-measure --write  # the model only, into docs/benchmarks.md
+
+Model: a step's views are batched in chunks of ``view_batch_size`` (DemoFusion's local windows
+and dilated sub-latents), chunks are dealt to ranks in contiguous balanced blocks
+(demofusion.parallel.blocks) and a step takes as long as its busiest rank; phase 1 (one view)
+runs on every rank. Predicted speed-up = single-rank views / Σ over steps of the busiest rank's
+views, in UNet-view units (communication, decode and the phase-1 replication ignored; the views
+of a step cost the same). Measured: the tiny model at 768×512 (3 phases, 8 steps, view batch 2),
+one process vs ``torchrun --nproc_per_node 2``, one thread per process; this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from demofusion.ops import view_starts
+from demofusion.parallel import blocks
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def phase_views(side: int, base: int = 1024, stride: int = 64) -> list[int]:
+    """Views per step of each phase of a side×side run (phase 1: 1)."""
+    window, out = base // 8, [1]
+    for k in range(2, side // base + 1):
+        n = len(view_starts(k * window, window, stride)) ** 2
+        out.append(n + k * k)
+    return out
+
+
+def rank_views(views: int, vbs: int, world: int) -> int:
+    """Views the busiest rank denoises in a step."""
+    chunks = [min(vbs, views - a) for a in range(0, views, vbs)]
+    if len(chunks) == 1:
+        return views  # replicated on every rank
+    return max(sum(chunks[k] for k in b) for b in blocks(len(chunks), world))
+
+
+def model_table(sizes, vbs_list, worlds) -> list[str]:
+    lines = ["| size | view_batch_size | views per step by phase | " +
+             " | ".join(f"{w} ranks: busiest rank / speed-up" for w in worlds) + " |",
+             "|---|---|---|" + "---|" * len(worlds)]
+    for side in sizes:
+        views = phase_views(side)
+        for vbs in vbs_list:
+            cells = []
+            for w in worlds:
+                busiest = [rank_views(v, vbs, w) for v in views]
+                cells.append(f"{', '.join(map(str, busiest))} / {sum(views) / sum(busiest):.2f}×")
+            lines.append(f"| {side}² | {vbs} | {', '.join(map(str, views))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def measure() -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "demofusion", "generate", "--height", "768", "--width", "512", "--steps", "8",
+            "--view-batch-size", "2", "--no-progress"]
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 2):
+            launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={n}"]
+            t0 = time.perf_counter()
+            subprocess.run([*launch, *args, "--out", f"{tmp}/{n}"], check=True, env=env, capture_output=True)
+            times[n] = time.perf_counter() - t0
+    return (f"Measured (tiny, 768×512, 8 steps, view batch 2, 1 thread per process, {os.cpu_count()} cores, "
+            f"process start and model build included): 1 process {times[1]:.1f} s, 2 processes {times[2]:.1f} s "
+            f"→ {times[1] / times[2]:.2f}×.")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", type=int, default=[2048, 3072, 4096])
+    ap.add_argument("--vbs", nargs="+", type=int, default=[16, 4, 1])
+    ap.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--no-measure", action="store_true")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args(argv)
+    text = "\n".join([
+        "Work-count model, SDXL (base 1024, stride 64): views per step of each phase; for each rank count",
+        "the busiest rank's views per step of each phase and the predicted speed-up of the whole run.", "",
+        "```", "python benchmarks/distributed.py " + " ".join(argv or []), "```", "",
+        *model_table(args.sizes, args.vbs, args.ranks), "",
+        *([] if args.no_measure else [measure(), ""])])
+    print(text)
+    if args.write:
+        old = DOC.read_text()
+        section = "## Distributed\n\n" + text
+        m = re.search(r"^## Distributed\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
+        DOC.write_text(old.rstrip() + "\n\n" + section if m is None else old[: m.start()] + section + old[m.end():])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

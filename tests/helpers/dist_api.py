@@ -1,0 +1,28 @@
+"""A worker for tests/test_distributed.py: the Python API inside (or outside) a torchrun process group.
+
+    python -m torch.distributed.run --standalone --nproc_per_node N tests/helpers/dist_api.py KIND OUT
+    python tests/helpers/dist_api.py KIND OUT          # the one-process reference
+
+Runs a small pipeline (KIND "sdxl": Euler with CFG 7.5; "turbo": Euler-ancestral, guidance 0) at a
+non-square size over 3 phases and saves each rank's latents and unet_calls to OUT/rank<r>.pt.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers.pipeline import small_pipeline  # noqa: E402
+
+kind, out = sys.argv[1], sys.argv[2]
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    dist.init_process_group("gloo")
+pipe = small_pipeline(kind)
+result = pipe("a castle", height=384, width=256, num_inference_steps=2, guidance_scale=7.5 if kind == "sdxl" else 0.0,
+              seed=5, stride=8, view_batch_size=3, output_type="latent")
+rank = dist.get_rank() if dist.is_initialized() else 0
+torch.save({"latents": result.latents, "unet_calls": result.unet_calls}, os.path.join(out, f"rank{rank}.pt"))
+if dist.is_initialized():
+    dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""View parallelism across processes (issue 13, acceptance 1–2): torchrun with gloo on the CPU.
+
+Every chunk of views a single process would batch runs on one rank and the stepped chunks are
+all-gathered, so the result must equal the one-process run *bit for bit* — on every rank, for 2
+ranks and for 3 (an uneven split), through the command line (`python -m demofusion`, Euler with
+CFG) and the Python API (Euler-ancestral, no guidance). On the CPU the bits depend on the thread
+count (oneDNN/MKL reductions), so the one-process references run with OMP_NUM_THREADS=1, as
+torchrun's workers do. A rank that fails stops the whole job, quickly, with its error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from demofusion.parallel import blocks
+
+HELPERS = Path(__file__).parent / "helpers"
+RUN = ["generate", "--height", "768", "--width", "512", "--steps", "2", "--no-progress"]  # tiny: 3 phases
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+
+def torchrun(n: int, *args, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def test_blocks_are_balanced_and_contiguous():
+    assert blocks(5, 2) == [range(0, 3), range(3, 5)]
+    assert blocks(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert blocks(1, 3) == [range(0, 1), range(1, 1), range(1, 1)]
+    for n in range(12):
+        for w in range(1, 5):
+            b = blocks(n, w)
+            assert [k for r in b for k in r] == list(range(n)) and max(map(len, b)) - min(map(len, b)) <= 1
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    subprocess.run([sys.executable, "-m", "demofusion", *RUN, "--out", out], check=True, env=env(),
+                   capture_output=True, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_cli_under_torchrun_is_bit_identical(one_process, tmp_path, n):
+    out = tmp_path / "run"
+    r = torchrun(n, "-m", "demofusion", *RUN, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one_process.iterdir())
+    for k in (1, 2, 3):
+        a, b = (np.asarray(Image.open(d / f"phase_{k}.png")) for d in (one_process, out))
+        assert np.array_equal(a, b), f"phase {k} pixels"
+        la, lb = (load_file(d / f"phase_{k}.safetensors") for d in (one_process, out))
+        assert la.keys() == lb.keys() and all(torch.equal(la[x], lb[x]) for x in la), f"phase {k} latents"
+    assert r.stdout.count("phase 3:") == 1  # only rank 0 speaks
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "turbo"])
+def test_api_under_torchrun_is_bit_identical_on_every_rank(tmp_path, kind):
+    (tmp_path / "one").mkdir()
+    subprocess.run([sys.executable, HELPERS / "dist_api.py", kind, tmp_path / "one"], check=True, env=env(),
+                   capture_output=True, timeout=300)
+    ref = torch.load(tmp_path / "one" / "rank0.pt")
+    for n in (2, 3):
+        (tmp_path / str(n)).mkdir()
+        r = torchrun(n, HELPERS / "dist_api.py", kind, tmp_path / str(n))
+        assert r.returncode == 0, r.stderr[-2000:]
+        for rank in range(n):
+            got = torch.load(tmp_path / str(n) / f"rank{rank}.pt")
+            assert got["unet_calls"] == ref["unet_calls"]
+            assert all(torch.equal(a, b) for a, b in zip(got["latents"], ref["latents"])), (n, rank)
+
+
+def test_a_failing_rank_stops_the_job(tmp_path):
+    r = torchrun(2, HELPERS / "dist_fail.py", *RUN, "--out", tmp_path / "run", timeout=120)
+    assert r.returncode != 0
+    assert "injected failure on rank 1" in r.stdout + r.stderr
