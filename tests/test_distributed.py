@@ -88,3 +88,54 @@ def test_a_failing_rank_stops_the_job(tmp_path):
     r = torchrun(2, HELPERS / "dist_fail.py", *RUN, "--out", tmp_path / "run", timeout=120)
     assert r.returncode != 0
     assert "injected failure on rank 1" in r.stdout + r.stderr
+
+
+# ---- --prompts: one image per line, sharded across ranks, resumable -------------------------------
+PROMPTS = "a lighthouse\n# a comment\n\na castle at night\na red fox\nan old map\na glass of water\n"
+BATCH = ["generate", "--height", "512", "--width", "256", "--steps", "2", "--no-progress"]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_prompts_batch_on_two_ranks_equals_single_runs_and_resumes(tmp_path):
+    import json
+
+    f = tmp_path / "prompts.txt"
+    f.write_text(PROMPTS)
+    py = lambda *a: subprocess.run([sys.executable, *map(str, a)], env=env(), capture_output=True, text=True,
+                                   timeout=300)
+    r = py("-m", "demofusion", *BATCH, "--prompts", f, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = [f"{i:04d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([*names, "manifest.json"])
+
+    r = torchrun(2, "-m", "demofusion", *BATCH, "--prompts", f, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for n in names:
+        assert np.array_equal(pixels(tmp_path / "one" / n), pixels(tmp_path / "two" / n)), n
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert [(e["line"], e["prompt"], e["seed"]) for e in manifest["images"]] == \
+        [(0, "a lighthouse", 0), (1, "a castle at night", 1), (2, "a red fox", 2), (3, "an old map", 3),
+         (4, "a glass of water", 4)]
+
+    # line 2 is exactly `generate --prompt "a red fox" --seed 2` (its last phase)
+    r = py("-m", "demofusion", *BATCH, "--prompt", "a red fox", "--seed", "2", "--out", tmp_path / "single")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(pixels(tmp_path / "single" / "phase_2.png"), pixels(tmp_path / "one" / "0002.png"))
+
+    # Ctrl-C before the third image: two kept; the same command again makes the rest, redoing nothing
+    r = py(HELPERS / "interrupt_batch.py", *BATCH, "--prompts", f, "--out", tmp_path / "cut")
+    assert r.returncode == 130
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cut").glob("*.png")}
+    assert sorted(done) == names[:2]
+    r = py("-m", "demofusion", *BATCH, "--prompts", f, "--out", tmp_path / "cut")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {n: (tmp_path / "cut" / n).stat().st_mtime_ns for n in done} == done
+    for n in names:
+        assert np.array_equal(pixels(tmp_path / "one" / n), pixels(tmp_path / "cut" / n)), n
+
+    # other settings in the same folder: an error, nothing overwritten
+    r = py("-m", "demofusion", *BATCH, "--steps", "3", "--prompts", f, "--out", tmp_path / "cut")
+    assert r.returncode == 2 and "made with other settings" in r.stderr and r.stderr.strip().count("\n") == 0

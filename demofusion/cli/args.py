@@ -115,6 +115,8 @@ def build_parser() -> Parser:
     g.add_argument("--out", help="output folder (default: a new out/<date>-<time>-seed<seed>)")
     g.add_argument("--image", help="img2img: start from this picture (phase 1 is the picture, then DemoFusion upscales)")
     g.add_argument("--scale", type=float, help="with --image and no --height/--width: target = image size × scale (default 2)")
+    g.add_argument("--prompts", metavar="FILE", help="one image per line of FILE (seed --seed + line), into --out "
+                   "DIR as 0000.png …, sharded across ranks under torchrun; the same command again resumes")
     g.add_argument("--from-image", help="reproduce a PNG written by demofusion from its metadata (the file is only read)")
     g.add_argument("--resume", help="continue an interrupted run in this folder")
     g.add_argument("--stop-after-phase", type=int, help="stop after phase N (resume later)")

@@ -153,6 +153,15 @@ def cmd_generate(args) -> int:
 
     from ..images import load_image
 
+    if getattr(args, "prompts", None):
+        from .batch import cmd_prompts
+
+        params = defaults() | _given(args)
+        params["device"] = check_device(params["device"])
+        params["dtype"] = check_dtype(params["dtype"], params["device"])
+        check_compile(args.compile)
+        print(f"demofusion {__version__}: {params['model']} on {params['device']} in {params['dtype']}")
+        return cmd_prompts(args, params, run_id)
     params, out, resuming = settle_params(args)
     params["device"] = check_device(params["device"], present=not getattr(args, "dry_run", False))  # a plan for another machine
     if not getattr(args, "dry_run", False):

@@ -1,0 +1,87 @@
+"""`demofusion generate --prompts FILE --out DIR`: one image per prompt, for scoring methods on many.
+
+Line i (0-based, counting prompts: blank lines and lines starting with ``#`` are skipped) is
+generated with seed ``--seed + i`` and every other flag as given, exactly as ``demofusion generate
+--prompt LINE --seed S`` would make its last phase, and written to ``DIR/<i:04d>.png`` with its
+metadata (replayable with ``--from-image``). Under torchrun the prompts are sharded (image i on rank
+i mod N; each image on one rank, views unshared). Running the same command again resumes: an
+image already there with the same run id is kept, one made with other settings is an error (never
+overwritten without ``--overwrite``). ``DIR/manifest.json`` lists every line, its seed, file and
+run id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..outputs import read_png_params, save_png, write_json
+from . import ranks
+from .args import PLACEMENT_KEYS, RUN_KEYS
+from .common import CLIError, base_size_of, load_pipeline, model_fingerprint, run_settings, sampler_name
+
+MANIFEST = "manifest.json"
+
+
+def read_prompts(path) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--prompts {path}: cannot read it ({str(e).splitlines()[0]})") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not prompts:
+        raise CLIError(f"--prompts {path}: no prompts in it (one per line; # starts a comment)")
+    return prompts
+
+
+def _check(args) -> None:
+    for flag, given in (("--prompt", args.prompt), ("--resume", args.resume), ("--from-image", args.from_image),
+                        ("--image", args.image), ("--stop-after-phase", args.stop_after_phase)):
+        if given is not None:
+            raise CLIError(f"--prompts and {flag} exclude each other: the file gives the prompts, "
+                           "and running the command again resumes")
+    if args.out is None:
+        raise CLIError("--prompts needs --out DIR (run the same command again to resume there)")
+
+
+def cmd_prompts(args, params: dict, run_id) -> int:
+    """Generate every prompt of ``args.prompts`` (``params``: the settled flags; ``run_id``: its hash)."""
+    _check(args)
+    prompts, out = read_prompts(args.prompts), Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: is a file; give a folder")
+    base = base_size_of(params["model"])
+    settings = run_settings({**params, "prompt": prompts[0]}, base)  # every flag checked before loading
+    params["stride"] = settings.stride
+    params["device"] = ranks.join(params["device"])
+    from ..parallel import rank as this_rank
+
+    rank, world = this_rank(), ranks.world_size()
+    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")))
+    params.update(model_hash=model_fingerprint(pipe, params["model"]), sampler=sampler_name(pipe.scheduler))
+    out.mkdir(parents=True, exist_ok=True)
+    entries, made = [], 0
+    for i, prompt in enumerate(prompts):
+        p = {**params, "prompt": prompt, "seed": params["seed"] + i, "prompts_file": str(args.prompts), "line": i}
+        p["run_id"] = run_id(p)
+        path = out / f"{i:04d}.png"
+        entries.append({"line": i, "prompt": prompt, "seed": p["seed"], "file": path.name, "run_id": p["run_id"]})
+        if i % world != rank:
+            continue
+        if path.exists() and not args.overwrite:
+            if read_png_params(path, "--out").get("run_id") == p["run_id"]:
+                continue  # made before with these settings: kept
+            raise CLIError(f"--out {out}: {path.name} was made with other settings; pass --overwrite to "
+                           "replace it, or another --out")
+        result = pipe(**{k: p[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, force=bool(p.get("force")),
+                      distributed=False, progress=args.progress)
+        save_png(result.images[-1], path, {**p, "phase": len(result.images)})
+        made += 1
+        print(f"{path} ({i + 1}/{len(prompts)}): {prompt[:60]}")  # rank 0's lines (the others are quiet)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0:
+        write_json(out / MANIFEST, {"prompts_file": str(args.prompts), "settings": params, "images": entries})
+        print(f"done: {len(prompts)} images in {out} ({made} made by rank 0 now); manifest {out / MANIFEST}")
+    return 0
