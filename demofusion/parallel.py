@@ -74,6 +74,20 @@ def runner(enabled: bool = True):
     return Serial()
 
 
+def min_over_ranks(value: int | None) -> int | None:
+    """The smallest ``value`` over the ranks of the process group (None stays None; no group: itself).
+    Every rank must plan alike (the same chunks), so a per-device figure is agreed on first."""
+    r = runner()
+    if value is None or isinstance(r, Serial):
+        return value
+    import torch.distributed as dist
+
+    backend = dist.get_backend()
+    t = torch.tensor([value], dtype=torch.int64, device="cuda" if backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def rank() -> int:
     """This process's rank (0 outside a process group)."""
     import torch.distributed as dist

@@ -82,6 +82,7 @@ def test_api_under_torchrun_is_bit_identical_on_every_rank(tmp_path, kind):
             got = torch.load(tmp_path / str(n) / f"rank{rank}.pt")
             assert got["unet_calls"] == ref["unet_calls"]
             assert all(torch.equal(a, b) for a, b in zip(got["latents"], ref["latents"])), (n, rank)
+            assert all(torch.equal(a, b) for a, b in zip(got["images"], ref["images"])), (n, rank)
 
 
 def test_a_failing_rank_stops_the_job(tmp_path):

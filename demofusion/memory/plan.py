@@ -282,6 +282,10 @@ def plan_run(pipe, s, estimate_stages: bool = True, model: Model | None = None) 
     """The plan of run ``s`` (validated settings) on ``pipe`` (``model``: its description, if
     ``pipe`` only names the device): its budget, offload and batch."""
     budget = budget_of(pipe, s.max_memory)
+    if s.max_memory == "auto" and s.distributed:  # each GPU's free memory differs: plan for the smallest
+        from ..parallel import min_over_ranks
+
+        budget = min_over_ranks(budget)
     if budget is None and not estimate_stages:  # nothing to measure: the caller's choice as it is
         return MemoryPlan(None, Choice(s.offload or "none", s.view_batch_size or DEFAULT_VIEW_BATCH))
     return plan(model or Model.of(pipe), s, budget, s.offload, auto_batch=s.view_batch_size is None,

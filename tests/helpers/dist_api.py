@@ -4,7 +4,8 @@
     python tests/helpers/dist_api.py KIND OUT          # the one-process reference
 
 Runs a small pipeline (KIND "sdxl": Euler with CFG 7.5; "turbo": Euler-ancestral, guidance 0) at a
-non-square size over 3 phases and saves each rank's latents and unet_calls to OUT/rank<r>.pt.
+non-square size over 3 phases and saves each rank's latents, decoded images ([0, 1] tensors) and
+unet_calls to OUT/rank<r>.pt.
 """
 
 import os
@@ -21,8 +22,8 @@ if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     dist.init_process_group("gloo")
 pipe = small_pipeline(kind)
 result = pipe("a castle", height=384, width=256, num_inference_steps=2, guidance_scale=7.5 if kind == "sdxl" else 0.0,
-              seed=5, stride=8, view_batch_size=3, output_type="latent")
+              seed=5, stride=8, view_batch_size=3, output_type="pt")
 rank = dist.get_rank() if dist.is_initialized() else 0
-torch.save({"latents": result.latents, "unet_calls": result.unet_calls}, os.path.join(out, f"rank{rank}.pt"))
+torch.save({"latents": result.latents, "images": result.images, "unet_calls": result.unet_calls}, os.path.join(out, f"rank{rank}.pt"))
 if dist.is_initialized():
     dist.destroy_process_group()
