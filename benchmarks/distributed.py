@@ -21,12 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from docsection import write_section
 
 from demofusion.ops import view_starts
 from demofusion.parallel import blocks
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def phase_views(side: int, base: int = 1024, stride: int = 64) -> list[int]:
@@ -98,10 +98,7 @@ def main(argv=None):
         *([] if args.no_measure else [measure(), ""])])
     print(text)
     if args.write:
-        old = DOC.read_text()
-        section = "## Distributed\n\n" + text
-        m = re.search(r"^## Distributed\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
-        DOC.write_text(old.rstrip() + "\n\n" + section if m is None else old[: m.start()] + section + old[m.end():])
+        write_section("Distributed", text)
 
 
 if __name__ == "__main__":

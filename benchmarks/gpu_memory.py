@@ -18,13 +18,11 @@ the budget must hold. ``--write`` puts the table in docs/benchmarks.md (``## GPU
 from __future__ import annotations
 
 import argparse
-import re
 import time
-from pathlib import Path
 
 import torch
+from docsection import write_section
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 GiB = 2**30
 
 
@@ -103,10 +101,7 @@ def main(argv=None):
             f"```\npython benchmarks/gpu_memory.py {' '.join(argv or [])}\n```\n\n{table(rows)}\n")
     print(text)
     if args.write:
-        old = DOC.read_text()
-        section = "## GPU memory, measured\n\n" + text
-        m = re.search(r"^## GPU memory, measured\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
-        DOC.write_text(old.rstrip() + "\n\n" + section if m is None else old[: m.start()] + section + old[m.end():])
+        write_section("GPU memory, measured", text)
 
 
 if __name__ == "__main__":

@@ -17,21 +17,17 @@ upcast to fp32 for decoding, 16×-redundant 1024-px decode tiles, path-by-path b
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
-from pathlib import Path
 
 import torch
+from docsection import DOC, write_section
 
 from demofusion import memory as M
 from demofusion.errors import InputError
 from demofusion.memory.plan import plan, preset_model
 from demofusion.pipeline.settings import validate
 from demofusion.weights import parse_dtype
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-
 
 def gib(n: int) -> str:
     return f"{n / M.GiB:.2f}"
@@ -142,18 +138,6 @@ def report(sizes, vbs, dtype, command: str, budgets=(24, 12, 8, 6)) -> str:
     return "\n".join(head + plans + summary + tables).rstrip() + "\n"
 
 
-def write_section(text: str, doc: Path = DOC) -> None:
-    """Replace (or append) the ``## Memory`` section of docs/benchmarks.md."""
-    old = doc.read_text()
-    section = "## Memory\n\n" + text.strip() + "\n"
-    m = re.search(r"^## Memory\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
-    if m is None:
-        doc.write_text(old.rstrip() + "\n\n" + section)
-    else:
-        rest = old[m.end():]
-        doc.write_text(old[: m.start()] + section + ("\n" + rest if rest else ""))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["2048x2048", "3072x3072", "4096x4096", "2048x4096"],
@@ -172,7 +156,7 @@ def main(argv=None):
     print(text)
     print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if args.write:
-        write_section(text)
+        write_section("Memory", text)
         print(f"wrote the ## Memory section of {DOC}", file=sys.stderr)
 
 
