@@ -24,6 +24,8 @@ _LAZY = {
     "AutoencoderKL": ("demofusion.vae", "AutoencoderKL"),
     "load_text_encoders": ("demofusion.text", "load_text_encoders"),
     "DemoFusionPipeline": ("demofusion.pipeline", "DemoFusionPipeline"),
+    "load_controlnet": ("demofusion.controlnet", "load_controlnet"),
+    "ControlNet": ("demofusion.controlnet", "ControlNet"),
     "WeightsError": ("demofusion.weights", "WeightsError"),
     "schedulers": ("demofusion.schedulers", None),
     "ops": ("demofusion.ops", None),

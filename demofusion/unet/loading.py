@@ -39,7 +39,7 @@ def infer_config(state_dict, kind: str = "sdxl-base") -> UNetConfig:
         )
         ctx = next(v.shape[1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight"))
         proj = state_dict["add_embedding.linear_1.weight"].shape[1]
-        out_ch = state_dict["conv_out.weight"].shape[0]
+        out_ch = state_dict["conv_out.weight"].shape[0] if "conv_out.weight" in state_dict else conv_in[1]
     except (KeyError, StopIteration, ValueError) as e:
         raise WeightsError(
             f"cannot infer the UNet config from the tensors (missing {e}); pass config= "
@@ -48,7 +48,9 @@ def infer_config(state_dict, kind: str = "sdxl-base") -> UNetConfig:
     head_dim = base.block_out_channels[0] // base.attention_heads[0]
     return base.replace(
         in_channels=conv_in[1], out_channels=out_ch, block_out_channels=ch, cross_attention=attn,
-        layers_per_block=layers, transformer_layers_per_block=tuple(max(d, 1) for d in depth),
+        # a level without attention has no depth (1 is a placeholder); with attention and no transformer
+        # blocks it has depth 0 (the -small SDXL ControlNets)
+        layers_per_block=layers, transformer_layers_per_block=tuple(d if a else 1 for d, a in zip(depth, attn)),
         attention_heads=tuple(max(c // head_dim, 1) for c in ch), cross_attention_dim=ctx,
         projection_class_embeddings_input_dim=proj,
     )

@@ -11,13 +11,9 @@ from .config import UNetConfig
 from .embeddings import TimestepEmbedding, sinusoidal_embedding
 
 
-class UNet(nn.Module):
-    """SDXL UNet: ``forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)``.
-
-    sample [B,C,h,w]; timestep scalar or [B]; encoder_hidden_states [B,L,cross_attention_dim];
-    text_embeds [B,P] (pooled text); time_ids [B,6] (orig h,w, crop top,left, target h,w).
-    Returns the noise prediction [B,out_channels,h,w].
-    """
+class UNetEncoder(nn.Module):
+    """What the UNet and the ControlNet share: ``conv_in``, the time and text-time embeddings, the
+    down blocks and the mid block (same parameter names in both)."""
 
     def __init__(self, config: UNetConfig | str = "sdxl-base"):
         super().__init__()
@@ -33,15 +29,15 @@ class UNet(nn.Module):
             DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], add_downsample=i < n - 1) for i in range(n)
         )
         self.mid_block = MidBlock(cfg)
-        self.up_blocks = nn.ModuleList()
-        for j in range(n):
-            level = n - 1 - j  # up block j mirrors down level n-1-j
-            prev_ch = ch[min(level + 1, n - 1)]
-            skip_in = ch[max(level - 1, 0)]
-            self.up_blocks.append(UpBlock(cfg, level, prev_ch, ch[level], skip_in, add_upsample=level > 0))
 
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+    def encode(self, x, temb, context):
+        """Down blocks then mid block from ``x`` (after conv_in) → (mid output, skips: conv_in's
+        output then every down stage's, in diffusers' ``down_block_res_samples`` order)."""
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, temb, context)
+            skips += s
+        return self.mid_block(x, temb, context), skips
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,17 +59,45 @@ class UNet(nn.Module):
         add = torch.cat([text_embeds.to(dtype), ids.to(dtype)], dim=-1)
         return emb + self.add_embedding(add)
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+
+
+class UNet(UNetEncoder):
+    """SDXL UNet: ``forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)``.
+
+    sample [B,C,h,w]; timestep scalar or [B]; encoder_hidden_states [B,L,cross_attention_dim];
+    text_embeds [B,P] (pooled text); time_ids [B,6] (orig h,w, crop top,left, target h,w).
+    Returns the noise prediction [B,out_channels,h,w]. ControlNet residuals, when given, are added
+    to the skips and to the mid block's output, as diffusers adds them.
+    """
+
+    def __init__(self, config: UNetConfig | str = "sdxl-base"):
+        super().__init__(config)
+        cfg = self.config
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.up_blocks = nn.ModuleList()
+        for j in range(n):
+            level = n - 1 - j  # up block j mirrors down level n-1-j
+            prev_ch = ch[min(level + 1, n - 1)]
+            skip_in = ch[max(level - 1, 0)]
+            self.up_blocks.append(UpBlock(cfg, level, prev_ch, ch[level], skip_in, add_upsample=level > 0))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids,
+                down_block_additional_residuals=None, mid_block_additional_residual=None):
         b = sample.shape[0]
         temb = self.embed(timestep, text_embeds, time_ids, b, sample.dtype)
         context = encoder_hidden_states.to(sample.dtype)
 
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, s = block(x, temb, context)
-            skips += s
-        x = self.mid_block(x, temb, context)
+        x, skips = self.encode(self.conv_in(sample), temb, context)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"{len(down_block_additional_residuals)} down-block residuals given, the UNet has "
+                                 f"{len(skips)} skips; use a ControlNet built for this UNet")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
