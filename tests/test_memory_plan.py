@@ -204,3 +204,12 @@ def test_whole_sdxl_run_fits_8_gib_on_fake_cuda(sdxl_home, height, width):
     top = max(p for _, p in measured)
     assert 0.97 * estimate <= top <= 1.03 * estimate  # the plan's model is the measured run
     assert all(pipe.placement.at_home(m) for m in (pipe.unet, pipe.vae, pipe.text.text_encoder))
+
+
+def test_to_moves_everything_and_forgets_homes(pipe):
+    ref, _ = _run(pipe, view_batch_size=4, output_type="latent")
+    _run(pipe, view_batch_size=4, output_type="latent", offload="model")  # homes recorded
+    assert pipe.placement._home
+    assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu") and not pipe.placement._home
+    out, _ = _run(pipe, view_batch_size=4, output_type="latent")
+    assert all(torch.equal(a, b) for a, b in zip(out.latents, ref.latents))

@@ -12,6 +12,7 @@ run id.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..outputs import read_png_params, save_png, write_json
@@ -72,9 +73,14 @@ def cmd_prompts(args, params: dict, run_id) -> int:
                 continue  # made before with these settings: kept
             raise CLIError(f"--out {out}: {path.name} was made with other settings; pass --overwrite to "
                            "replace it, or another --out")
-        result = pipe(**{k: p[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, force=bool(p.get("force")),
-                      distributed=False, progress=args.progress)
-        save_png(result.images[-1], path, {**p, "phase": len(result.images)})
+        try:
+            result = pipe(**{k: p[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, force=bool(p.get("force")),
+                          distributed=False, progress=args.progress)
+            save_png(result.images[-1], path, {**p, "phase": len(result.images)})  # atomic: whole or absent
+        except KeyboardInterrupt:
+            print(f"interrupted; the finished images are in {out} — run the same command again to make the rest",
+                  file=sys.stderr)
+            return 130
         made += 1
         print(f"{path} ({i + 1}/{len(prompts)}): {prompt[:60]}")  # rank 0's lines (the others are quiet)
     if world > 1:
