@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..placement import POLICIES
-from .fake import fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
+from .fake import _once, fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
 from .measure import GiB, weight_bytes
 from .stages import Stage, _latent_bytes, decode_peak, unet_calls
 
@@ -173,9 +173,6 @@ def unet_stages(m: Model, s, c: Choice) -> list[Stage]:
     return out
 
 
-_DECODES: dict = {}
-
-
 def vae_stages(m: Model, s, c: Choice) -> list[Stage]:
     """Encoding the start image (img2img) and decoding every phase (unless latent output)."""
     w, out = _weights(m, c.offload, "vae", s.offload_text_encoders), []
@@ -188,11 +185,9 @@ def vae_stages(m: Model, s, c: Choice) -> list[Stage]:
     if s.output_type == "latent":
         return out
     for k in range(len(s.resume_latents), s.phases):
-        key = (repr(m.vae_config), m.decode_dtype, s.batch, s.sizes[k], s.multi_decoder, s.reference_compat,
-               k == 0, c.decode_tile, c.decode_batch)
-        if key not in _DECODES:
-            _DECODES[key] = decode_peak(s, k, vae, c.decode_tile, c.decode_batch)
-        act, detail = _DECODES[key]
+        key = ("decode run", repr(m.vae_config), m.decode_dtype, s.batch, s.sizes[k], s.multi_decoder,
+               s.reference_compat, k == 0, c.decode_tile, c.decode_batch)
+        act, detail = _once(key, lambda: decode_peak(s, k, vae, c.decode_tile, c.decode_batch))
         out.append(Stage(k + 1, "decode", detail, w, act, _latent_bytes(s, k, s.num_inference_steps, "decode")))
     return out
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import parallel
-from ..parallel import Serial
 from .mechanisms import Views
 from .settings import Settings
 
@@ -51,7 +50,7 @@ class Denoiser:
     view_batch_size: int
     guidance_scale: float
     cfg_apart: bool = False  # the unconditional and conditional halves in two UNet calls (less memory)
-    runner: object = field(default_factory=Serial)  # who runs which chunk (demofusion.parallel)
+    runner: object = field(default_factory=parallel.Serial)  # who runs which chunk (demofusion.parallel)
     calls: int = 0  # UNet forward calls so far (all ranks' together: one process's count)
 
     @property
