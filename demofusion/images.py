@@ -70,6 +70,35 @@ def image_to_tensor(image, size=None, background=(255, 255, 255)) -> torch.Tenso
     raise InputError(f"{_WHAT}; got {type(image).__name__}")
 
 
+def control_to_tensor(image, name: str = "control_image") -> torch.Tensor:
+    """A ControlNet's conditioning image (diffusers' convention: RGB in [0, 1], never resized here):
+    PIL image, path, list of those (a batch), or a float [B,3,H,W] tensor in [0, 1] → float32 [B,3,H,W]."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise InputError(f"{name} is an empty list; give an image (one per ControlNet for several)")
+        return _batch([control_to_tensor(im, name) for im in image])
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image, name=name)
+    if isinstance(image, Image.Image):
+        rgb = _resize_rgb(_pil_to_rgb(image, _background((0, 0, 0))), None)
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].float()
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        x = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
+        if not x.is_floating_point() or x.ndim not in (3, 4) or x.shape[-3] != 3 or x.numel() == 0:
+            raise InputError(f"{name} tensor has dtype {x.dtype} and shape {tuple(x.shape)}; expected float "
+                             "[B,3,H,W] or [3,H,W] in [0, 1] (e.g. x.float() / 255, channels first)")
+        x = (x[None] if x.ndim == 3 else x).float().cpu()
+        if not torch.isfinite(x).all():
+            raise InputError(f"{name} tensor contains NaN or Inf; expected finite values in [0, 1]")
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise InputError(f"{name} tensor has values in [{lo:g}, {hi:g}]; a control image is in [0, 1] "
+                             "(divide 8-bit values by 255; map [-1, 1] with (x + 1) / 2)")
+        return x
+    raise InputError(f"{name} must be a PIL image, an image file path, or a [B,3,H,W] tensor in [0, 1]; "
+                     f"got {type(image).__name__}")
+
+
 def tensor_to_unit(image: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] in [-1, 1] → float in [0, 1] (clamped)."""
     return (image.float() / 2 + 0.5).clamp(0, 1)

@@ -50,3 +50,17 @@ def decode_latents(vae, z, phase_index: int, s: Settings, plan: MemoryPlan):
         return decode_tiled(vae, z, tile_size=plan.decode_tile, batch_size=plan.decode_batch,
                             runner=parallel.runner(s.distributed))
     return vae.decode(z)
+
+
+def as_output(x: torch.Tensor, s: Settings, k: int):
+    """A decoded phase-``k+1`` image [B,3,H,W] in [-1, 1] as ``output_type`` asks (PIL images or a
+    tensor in [0, 1]); writes ``preview_dir/phase_<k+1>.png`` when asked."""
+    if s.output_type == "pt":
+        from ..images import tensor_to_unit
+
+        return tensor_to_unit(x)
+    img = to_pil(x)
+    if s.preview_dir is not None:
+        s.preview_dir.mkdir(parents=True, exist_ok=True)
+        img[0].save(s.preview_dir / f"phase_{k + 1}.png")
+    return img[0] if len(img) == 1 else img

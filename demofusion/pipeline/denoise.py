@@ -51,19 +51,22 @@ class Denoiser:
     guidance_scale: float
     cfg_apart: bool = False  # the unconditional and conditional halves in two UNet calls (less memory)
     runner: object = field(default_factory=parallel.Serial)  # who runs which chunk (demofusion.parallel)
+    guide: object = None  # the run's ControlNets (demofusion.controlnet.guide.Guide), or None
     calls: int = 0  # UNet forward calls so far (all ranks' together: one process's count)
 
     @property
     def cfg(self) -> bool:
         return self.cond.neg_embeds is not None
 
-    def __call__(self, to_step, model_in, crops, t, i: int, noise, scale_index):
-        """Guided UNet calls on ``model_in`` in chunks of ``view_batch_size`` views, then one
-        scheduler step per chunk from ``to_step``, at timestep ``t`` (for the UNet, on its device),
-        the schedule's ``i``-th (for the scheduler: found by position, so t is never read on the
-        host). ``scale_index(k)``: the σ index used to scale chunk k's input (None: i, the correct one)."""
+    def __call__(self, to_step, model_in, crops, t, i: int, noise, scale_index, control=None, views_per_call=None):
+        """Guided UNet calls on ``model_in`` in chunks of ``view_batch_size`` views (or
+        ``views_per_call``), then one scheduler step per chunk from ``to_step``, at timestep ``t``
+        (for the UNet, on its device), the schedule's ``i``-th (for the scheduler: found by
+        position, so t is never read on the host). ``scale_index(k)``: the σ index used to scale
+        chunk k's input (None: i, the correct one). ``control``: per ControlNet, one function per
+        view giving its control image [B,3,8h,8w]."""
         B, c, sched = self.batch, self.cond, self.scheduler
-        chunk = self.view_batch_size * B
+        chunk = (views_per_call or self.view_batch_size) * B
         starts = list(range(0, to_step.shape[0], chunk))
 
         def one(k: int) -> torch.Tensor:  # chunk k: guided UNet call(s), then its scheduler step
@@ -72,21 +75,24 @@ class Denoiser:
             idx = scale_index(k)
             x = sched.scale_model_input_at(x, i if idx is None else idx)
             views = x.shape[0] // B
+            images = None if control is None else \
+                [torch.cat([f() for f in per_net[a // B : a // B + views]]) for per_net in control]
             emb, pooled = c.embeds.repeat(views, 1, 1), c.pooled.repeat(views, 1)
             time_ids = c.time_ids.repeat(x.shape[0], 1)
             time_ids[:, 2:4] = crops[a : a + chunk].to(time_ids)
             x = x.to(self.unet.dtype)
+            unet = lambda rows, *a: self._unet(src.dtype, *a, i=i, images=images, rows=rows)
             if self.cfg and self.cfg_apart:
-                uncond = self._unet(src.dtype, x, t, c.neg_embeds.repeat(views, 1, 1), c.neg_pooled.repeat(views, 1),
-                                    time_ids)
-                cond = self._unet(src.dtype, x, t, emb, pooled, time_ids)
+                uncond = unet("uncond", x, t, c.neg_embeds.repeat(views, 1, 1), c.neg_pooled.repeat(views, 1),
+                              time_ids)
+                cond = unet("cond", x, t, emb, pooled, time_ids)
             elif self.cfg:
                 emb = torch.stack([c.neg_embeds.repeat(views, 1, 1), emb], 1).flatten(0, 1)
                 pooled = torch.stack([c.neg_pooled.repeat(views, 1), pooled], 1).flatten(0, 1)
-                eps = self._unet(src.dtype, x.repeat_interleave(2, 0), t, emb, pooled, time_ids.repeat_interleave(2, 0))
+                eps = unet("pairs", x.repeat_interleave(2, 0), t, emb, pooled, time_ids.repeat_interleave(2, 0))
                 uncond, cond = eps[0::2], eps[1::2]
             else:
-                eps = self._unet(src.dtype, x, t, emb, pooled, time_ids)
+                eps = unet("cond", x, t, emb, pooled, time_ids)
             if self.cfg:
                 eps = uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
             return sched.step_at(eps, i, src, noise=None if noise is None else noise[a : a + chunk])
@@ -95,30 +101,41 @@ class Denoiser:
         self.calls += len(rows) * (2 if self.cfg and self.cfg_apart else 1)  # as one process makes them
         return torch.cat(self.runner.map(one, rows, to_step))
 
-    def _unet(self, dtype, x, t, emb, pooled, time_ids):
-        """One UNet call; ε in ``dtype`` (the latents', float32: guidance combines in it)."""
-        return self.unet(x, t, emb, pooled, time_ids).to(dtype)
+    def _unet(self, dtype, x, t, emb, pooled, time_ids, i: int, images, rows: str):
+        """One UNet call (with the ControlNets' residuals, if any); ε in ``dtype`` (the latents',
+        float32: guidance combines in it). ``rows``: "pairs", "uncond" or "cond" (Guide.residuals)."""
+        extra = {} if self.guide is None else self.guide.residuals(x, t, emb, pooled, time_ids, images, i, rows)
+        return self.unet(x, t, emb, pooled, time_ids, **extra).to(dtype)
 
-    def paths(self, paths: list[Views], noise, t, i: int, compat: bool, scale_index):
+    def paths(self, paths: list[Views], noise, t, i: int, compat: bool, scale_index, images=None):
         """Denoise every path's views: all in shared UNet batches when their shapes agree
-        (default), or path after path as the reference batches them (``compat``)."""
+        (default), or path after path as the reference batches them (``compat``; with ControlNets
+        its dilated views are one batch, as its ControlNet pipeline). ``images``: each ControlNet's
+        control image at the phase's pixel size (cut per view by ``Views.pixels``)."""
         noises = [None if noise is None else v.take(noise) for v in paths]
+        controls = [None if images is None else [v.pixels(im, compat) for im in images] for v in paths]
         if not compat and all(v.to_step.shape[1:] == paths[0].to_step.shape[1:] for v in paths):
             cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
+            control = None if images is None else [sum((c[n] for c in controls), []) for n in range(len(images))]
             stepped = self(cat([v.to_step for v in paths]), cat([v.model_in for v in paths]),
-                           cat([v.crops for v in paths]), t, i, None if noise is None else cat(noises), scale_index)
+                           cat([v.crops for v in paths]), t, i, None if noise is None else cat(noises), scale_index,
+                           control)
             return stepped.split([v.to_step.shape[0] for v in paths])
         out, first_chunk = [], 0
-        chunk = self.view_batch_size * self.batch
-        for v, nz in zip(paths, noises):
-            out.append(self(v.to_step, v.model_in, v.crops, t, i, nz, lambda k, f=first_chunk: scale_index(f + k)))
-            first_chunk += -(-v.to_step.shape[0] // chunk)
+        for v, nz, control in zip(paths, noises, controls):
+            one_batch = images is not None and v.path == "global"  # the reference's dilated batch
+            n = v.to_step.shape[0] // self.batch if one_batch else self.view_batch_size
+            out.append(self(v.to_step, v.model_in, v.crops, t, i, nz, lambda k, f=first_chunk: scale_index(f + k),
+                            control, n))
+            first_chunk += -(-v.to_step.shape[0] // (n * self.batch))
         return out
 
 
-def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, i: int, c, scale: int, jitter_g, noise_g, scale_index):
+def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, i: int, c, scale: int, jitter_g, noise_g, scale_index,
+                 images=None):
     """Step ``i`` (timestep ``t``) of an upscaling phase at dilation ``scale``: local and global
-    paths from the same z, denoised together, fused by the cosine weight c^α2."""
+    paths from the same z, denoised together, fused by the cosine weight c^α2. ``images``: the
+    phase's control images (one per ControlNet) or None."""
     paths = []
     if s.local_paths:
         paths.append(mech.multidiffusion_views(z, s.window, s.stride, s.view_jitter, jitter_g))
@@ -126,7 +143,7 @@ def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, i: int, c, scale: i
         std = mech.dilation_blur_std(c, s.sigma, s.cosine_scale_3) if s.blur else None
         paths.append(mech.dilated_views(z, scale, std, exact_stats=not s.reference_compat))
     noise = torch.randn(z.shape, generator=noise_g).to(z.device) if noise_g is not None else None
-    stepped = denoise.paths(paths, noise, t, i, s.reference_compat, scale_index)
+    stepped = denoise.paths(paths, noise, t, i, s.reference_compat, scale_index, images)
     merged = [v.merge(x) for v, x in zip(paths, stepped)]
     if len(merged) == 1:
         return merged[0]

@@ -75,7 +75,9 @@ class Views:
 
     to_step [N,C,h,w]: the latents each view is stepped from; model_in [N,C,h,w]: what the UNet
     sees; crops [N,2]: crop coordinates (px) for the micro-conditioning; take(x): a z-shaped
-    tensor (e.g. a noise canvas) cut into the same views; merge(stepped): views back to z's shape.
+    tensor (e.g. a noise canvas) cut into the same views; merge(stepped): views back to z's shape;
+    pixels(image, reference): an image at z's pixel size [B,3,8H,8W] (a ControlNet's control image)
+    cut into the matching view images, lazily: one function per view returning its [B,3,8h,8w].
     """
 
     to_step: torch.Tensor
@@ -83,6 +85,8 @@ class Views:
     crops: torch.Tensor
     take: Callable[[torch.Tensor], torch.Tensor]
     merge: Callable[[torch.Tensor], torch.Tensor]
+    pixels: Callable[[torch.Tensor, bool], list] | None = None
+    path: str = "local"  # "local" or "global" (dilated)
 
 
 def multidiffusion_views(z: torch.Tensor, window: int, stride: int, jitter: bool,
@@ -106,7 +110,8 @@ def multidiffusion_views(z: torch.Tensor, window: int, stride: int, jitter: bool
         return (total / count)[:, :, J : J + h, J : J + w]
 
     views = take(z)
-    return Views(views, views, (starts * vae_scale).repeat_interleave(b, 0), take, merge)
+    pixels = lambda image, reference: window_pixels(image, starts, win, J, vae_scale, reference)
+    return Views(views, views, (starts * vae_scale).repeat_interleave(b, 0), take, merge, pixels)
 
 
 def blur_for_dilation(z: torch.Tensor, s: int, std: float | torch.Tensor, valid: tuple[slice, slice] | None = None) -> torch.Tensor:
@@ -131,5 +136,46 @@ def dilated_views(z: torch.Tensor, s: int, blur_std: float | torch.Tensor | None
     model_in = zp if blur_std is None else blur_for_dilation(zp, s, blur_std, valid)
     take = lambda x: dilate(pad_to_multiple(x, s)[0], s)
     merge = lambda stepped: undilate(stepped, s)[:, :, ph:, pw:]
-    return Views(dilate(zp, s), dilate(model_in, s), torch.zeros(s * s * b, 2, dtype=torch.long), take, merge)
+    pixels = lambda image, reference: dilated_pixels(image, s, (ph, pw), 8, reference)
+    return Views(dilate(zp, s), dilate(model_in, s), torch.zeros(s * s * b, 2, dtype=torch.long), take, merge, pixels,
+                 "global")
 
+
+# ---- control images (ControlNet): the part of the phase's control image each view sees ---------
+def window_pixels(image: torch.Tensor, starts: torch.Tensor, win: tuple[int, int], J: int, f: int,
+                  reference: bool) -> list:
+    """Local window v sees image[8·y_v : 8·(y_v + h), 8·x_v : 8·(x_v + w)] of the image padded by 8J
+    like the latent: edge-replicated (``reference``: zeros, as PRIS-CV)."""
+    p = J * f
+    padded = F.pad(image, (p, p, p, p), mode="constant" if reference else "replicate") if p else image
+    h, w = win[0] * f, win[1] * f
+    return [lambda y=int(y) * f, x=int(x) * f: padded[:, :, y : y + h, x : x + w] for y, x in starts.tolist()]
+
+
+def dilated_pixels(image: torch.Tensor, s: int, pad: tuple[int, int], f: int, reference: bool) -> list:
+    """Sub-latent (i, j) = z[i::s, j::s] sees the image at 1/s: pixel p ← mean of image[8i + s·p + (0..s−1)]
+    (an s×s box from its own cell onwards; image padded 8·pad top/left as the latent, edge-replicated).
+    ``reference``: PRIS-CV's point sample image[8i::s, 8j::s] of the zero-padded image."""
+    (ph, pw), (H, W) = pad, (image.shape[-2] + pad[0] * f, image.shape[-1] + pad[1] * f)
+    if reference:
+        cut = lambda i, j: F.pad(image, (pw * f, j * f, ph * f, i * f))[:, :, i * f :: s, j * f :: s][
+            :, :, : H // s, : W // s]
+        return [lambda i=i, j=j: cut(i, j) for i in range(s) for j in range(s)]
+    ext = F.pad(image, (pw * f, (s - 1) * f, ph * f, (s - 1) * f), mode="replicate")
+    box = lambda i, j: F.avg_pool2d(ext[:, :, i * f : i * f + H, j * f : j * f + W], s)
+    return [lambda i=i, j=j: box(i, j) for i in range(s) for j in range(s)]
+
+
+@dataclass
+class Mechanisms:
+    """The swappable mechanism functions (replace any one for an ablation)."""
+
+    phase_sizes: Callable = phase_sizes
+    upsample_latents: Callable = upsample_latents
+    cosine_factor: Callable = cosine_factor
+    skip_residual: Callable = skip_residual
+    multidiffusion_views: Callable = multidiffusion_views
+    dilated_views: Callable = dilated_views
+    dilation_blur_std: Callable = dilation_blur_std
+    fuse: Callable = fuse
+    renormalise: Callable = renormalise

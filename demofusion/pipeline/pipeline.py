@@ -26,8 +26,10 @@ import torch
 from ..memory.plan import MemoryPlan, plan_run
 from .. import parallel
 from ..placement import Placement
-from . import mechanisms as M
-from .decoding import decode_latents, encode_image, from_pil, to_pil  # noqa: F401 (re-exported)
+from . import mechanisms as M  # noqa: F401
+from .mechanisms import Mechanisms
+from .decoding import as_output, decode_latents, encode_image, from_pil, to_pil  # noqa: F401 (re-exported)
+from ..controlnet.guide import Guide
 from .denoise import Conditioning, Denoiser, needs_noise, steps_of, upscale_step
 from .guards import FiniteWatch, check_image, likely_cause
 from .loading import load_components, save_components
@@ -37,21 +39,6 @@ try:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 except ImportError:  # pragma: no cover - very old torch
     from contextlib import nullcontext as unset_fake_temporarily
-
-
-@dataclass
-class Mechanisms:
-    """The swappable mechanism functions (replace any one for an ablation)."""
-
-    phase_sizes: Callable = M.phase_sizes
-    upsample_latents: Callable = M.upsample_latents
-    cosine_factor: Callable = M.cosine_factor
-    skip_residual: Callable = M.skip_residual
-    multidiffusion_views: Callable = M.multidiffusion_views
-    dilated_views: Callable = M.dilated_views
-    dilation_blur_std: Callable = M.dilation_blur_std
-    fuse: Callable = M.fuse
-    renormalise: Callable = M.renormalise
 
 
 @dataclass
@@ -78,16 +65,22 @@ class DemoFusionPipeline:
     """DemoFusion on SDXL / SDXL-Turbo components (our UNet, VAE, text encoders, scheduler)."""
 
     def __init__(self, unet, vae, text, scheduler, mechanisms: Mechanisms | None = None, name: str = "custom",
-                 device=None):
+                 device=None, controlnet=None):
         """``device``: where the work runs (default: where the UNet is); the components may wait
-        elsewhere (e.g. in CPU memory): each run brings them as its offload policy says."""
+        elsewhere (e.g. in CPU memory): each run brings them as its offload policy says.
+        ``controlnet``: a ControlNet or a list of them (docs/controlnet.md), checked to fit the UNet."""
+        from ..controlnet.guide import check_fits
         from ..devices import resolve_device
 
         self.unet, self.vae, self.text, self.scheduler = unet, vae, text, scheduler
+        nets = controlnet if isinstance(controlnet, (list, tuple)) else [] if controlnet is None else [controlnet]
+        for k, net in enumerate(nets):
+            check_fits(net, unet, "controlnet" if len(nets) == 1 else f"controlnet[{k}]")
+        self.controlnets = list(nets)
         self.mechanisms = mechanisms or Mechanisms()
         self.name = name
         self.placement = Placement(unet.device if device is None else resolve_device(device),
-                                   {"text": [text.text_encoder, text.text_encoder_2], "unet": [unet], "vae": [vae]})
+                                   {"text": [text.text_encoder, text.text_encoder_2], "unet": [unet, *nets], "vae": [vae]})
         self.max_memory = self.offload = None  # defaults of every call (from_pretrained sets them)
 
     # ---- construction --------------------------------------------------------------------
@@ -95,7 +88,7 @@ class DemoFusionPipeline:
     def from_pretrained(cls, path_or_preset, device="auto", dtype=None, kind: str | None = None,
                         scheduler=None, variant: str | None = None, vae_dtype=None, seed: int = 0,
                         allow_pickle: bool = False, tokenizer_path=None, max_memory=None, offload: str | None = None,
-                        fp8: bool = False):
+                        fp8: bool = False, controlnet=None):
         """From a diffusers model folder, a single-file checkpoint, or the preset ``"tiny"``.
 
         ``device="auto"``: CUDA, then MPS, else the CPU; ``dtype=None``: fp16 on CUDA/MPS, fp32 on the CPU.
@@ -109,8 +102,10 @@ class DemoFusionPipeline:
         ``max_memory`` / ``offload``: the defaults of every call (see ``__call__``); with either,
         or with ``fp8``, the weights are loaded into CPU memory and each run brings them to
         ``device`` as its plan says. ``fp8``: store the UNet's weights as float8_e4m3fn (half the
-        bytes; docs/fp8.md for the error it costs).
+        bytes; docs/fp8.md for the error it costs). ``controlnet``: a ControlNet folder or file, a
+        loaded module, or a list of those (several ControlNets), loaded in ``dtype``.
         """
+        from ..controlnet import load_controlnet
         from ..devices import default_dtype, resolve_device
         from .settings import _check_offload
         from ..memory.plan import parse_budget
@@ -125,7 +120,9 @@ class DemoFusionPipeline:
             from ..fp8 import to_fp8_
 
             to_fp8_(parts[0])
-        pipe = cls(*parts, name=name + (" (fp8)" if fp8 else ""), device=device)
+        nets = [n if isinstance(n, torch.nn.Module) else load_controlnet(n, dtype=dtype, device=parts[0].device)
+                for n in (controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] if controlnet else [])]
+        pipe = cls(*parts, name=name + (" (fp8)" if fp8 else ""), device=device, controlnet=nets or None)
         pipe.max_memory, pipe.offload = max_memory, offload
         return pipe
 
@@ -166,7 +163,8 @@ class DemoFusionPipeline:
         T = self.scheduler.config.get("num_train_timesteps", 1000)
         for k in ("max_memory", "offload"):  # the pipeline's defaults (from_pretrained) unless given
             kwargs[k] = getattr(self, k) if kwargs.get(k) is None else kwargs[k]
-        return validate(self.base_size, 8, self.mechanisms, prompt=prompt, num_train_timesteps=T, **kwargs)
+        return validate(self.base_size, 8, self.mechanisms, prompt=prompt, num_train_timesteps=T,
+                        controlnets=len(self.controlnets), **kwargs)
 
     def memory_plan(self, height: int = 3072, width: int = 3072, max_memory=None, prompt="", **kwargs) -> MemoryPlan:
         """The memory plan of a call with these arguments: offload policy, view batch, VAE tiles, and
@@ -220,6 +218,11 @@ class DemoFusionPipeline:
         distributed: bool = True,
         max_memory=None,
         offload: str | None = None,
+        control_image=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+        guess_mode: bool = False,
     ) -> DemoFusionOutput:
         """Generate ``height × width`` with DemoFusion. See DESIGN.md §2/§3 and docs/pipeline.md.
 
@@ -245,6 +248,10 @@ class DemoFusionPipeline:
         views per UNet call, default 16 or fewer under a budget (a given value is kept).
         ``distributed``: inside an initialised process group of several ranks, the views of each
         step are shared among them, with the one-process result on every rank (docs/distributed.md).
+        ControlNets (``controlnet=`` of the constructor): ``control_image`` (one per ControlNet, RGB in
+        [0, 1] or a PIL image, any size: resized to each phase), ``controlnet_conditioning_scale``,
+        ``control_guidance_start/end`` (fractions of the steps) and ``guess_mode``, as diffusers'
+        SDXL ControlNet pipeline names them, in every phase (docs/controlnet.md).
         """
         args = {k: v for k, v in locals().items() if k not in ("self", "prompt")}
         s = self.validate(prompt, **args)
@@ -298,11 +305,15 @@ class DemoFusionPipeline:
                 s.prompt, s.negative_prompt, prompt_2=s.prompt_2, negative_prompt_2=s.negative_prompt_2,
                 guidance=s.cfg)
         on = lambda x: None if x is None else x.to(dev, dt)
-        # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size
-        time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dt, device=dev)
+        # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size (the
+        # reference ControlNet pipeline: its original size is its phase-1 control image's)
+        orig = s.sizes[0] if s.reference_compat and s.control else (s.height, s.width)
+        time_ids = torch.tensor([[*orig, 0, 0, s.height, s.width]], dtype=dt, device=dev)
         cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids)
+        guide = None if s.control is None else Guide(self.controlnets, s.control, s.num_inference_steps, dev,
+                                                     s.reference_compat)
         return Denoiser(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale, plan.cfg_apart,
-                        parallel.runner(s.distributed))
+                        parallel.runner(s.distributed), guide)
 
     def _start(self, s: Settings, plan: MemoryPlan, g) -> torch.Tensor | None:
         """The phase-1 result when it is not sampled: the encoded image (img2img: upscaling starts
@@ -323,9 +334,10 @@ class DemoFusionPipeline:
         z = latents.to(dev, torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
         full = torch.zeros(s.batch, 2, dtype=torch.long)
         stochastic = needs_noise(sched)
+        control = None if denoise.guide is None else [[lambda im=im: im] for im in denoise.guide.phase_images(s.sizes, 0)]
         for i, t in enumerate(steps_of(sched.timesteps, 1, s.phases, s.progress)):
             nz = torch.randn(z.shape, generator=g).to(dev) if stochastic else None
-            z = denoise(z, z, full, t, i, nz, lambda k: None)
+            z = denoise(z, z, full, t, i, nz, lambda k: None, control)
             watch.see(z, 1, i)
             if s.callback is not None:
                 s.callback(1, i, t, z)
@@ -342,6 +354,7 @@ class DemoFusionPipeline:
         eps = s.upscale_noise[k - s.first_upscale] if s.upscale_noise is not None else torch.randn(z_up.shape, generator=g)
         eps = eps.to(self.device, z_up.dtype)
         z = sched.add_noise_at(z_up, eps, 0)  # ẑ_0
+        images = None if denoise.guide is None else denoise.guide.phase_images(s.sizes, k)
         # the scheduler is addressed by step index and c comes from the CPU copy of the timesteps:
         # nothing on the device is read on the host during the phase (t goes to the UNet only)
         for i, t in enumerate(steps_of(timesteps, k + 1, s.phases, s.progress)):
@@ -355,7 +368,7 @@ class DemoFusionPipeline:
             else:
                 scale_index = lambda kk: None
             z = upscale_step(mech, denoise, s, z, t, i, c, k + 1, g if s.view_jitter else None,
-                             g if stochastic else None, scale_index)
+                             g if stochastic else None, scale_index, images)
             watch.see(z, k + 1, i)
             if s.callback is not None:
                 s.callback(k + 1, i, t, z)
@@ -377,13 +390,4 @@ class DemoFusionPipeline:
         """Decode phase k+1 (checked finite) as ``output_type`` asks; write the preview if asked."""
         with self._place("vae", s, plan):
             x = decode_latents(self.vae, z / self.vae.scaling_factor, k, s, plan)
-        x = check_image(x, k + 1, likely_cause(self.vae.dtype))
-        if s.output_type == "pt":
-            from ..images import tensor_to_unit
-
-            return tensor_to_unit(x)
-        img = to_pil(x)
-        if s.preview_dir is not None:
-            s.preview_dir.mkdir(parents=True, exist_ok=True)
-            img[0].save(s.preview_dir / f"phase_{k + 1}.png")
-        return img[0] if len(img) == 1 else img
+        return as_output(check_image(x, k + 1, likely_cause(self.vae.dtype)), s, k)

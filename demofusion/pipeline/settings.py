@@ -71,6 +71,7 @@ class Settings:
     progress: bool = False
     force: bool = False
     distributed: bool = True  # inside a process group of > 1 rank: share the views (demofusion.parallel)
+    control: object = None  # the ControlNets' images, scales and windows (controlnet.guide.Control) or None
 
     @property
     def batch(self) -> int:
@@ -246,8 +247,12 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
              upscale_noise=None, prompt_2=None, negative_prompt_2=None, base_size=None, phases=None,
              phase_sizes=None, output_type="pil", callback=None, on_phase_end=None, preview_dir=None,
              resume_latents=None, max_memory=None, offload=None, num_train_timesteps: int = 1000,
-             **switches) -> Settings:
-    """Check every argument of a run once and return the normalised :class:`Settings`."""
+             controlnets: int = 0, control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+             control_guidance_end=1.0, guess_mode=False, **switches) -> Settings:
+    """Check every argument of a run once and return the normalised :class:`Settings`
+    (``controlnets``: how many ControlNets the pipeline has; the control arguments are theirs)."""
+    from ..controlnet.guide import check_control
+
     unknown = set(switches) - set(SWITCHES)
     if unknown:
         raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
@@ -293,7 +298,8 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
         output_type=_check_output_type(output_type),
         callback=check_callable("callback", callback), on_phase_end=check_callable("on_phase_end", on_phase_end),
         preview_dir=_check_dir(preview_dir), max_memory=parse_budget(max_memory), offload=_check_offload(offload),
-        **sw)
+        control=check_control(controlnets, B, control_image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode), **sw)
     return _with_tensors(s, image, latents, upscale_noise, resume_latents, vae_scale)
 
 

@@ -32,15 +32,50 @@ def record_steps(pipe, **kw):
 
 
 # ---- DESIGN.md §3 written as plain loops (slicing, one UNet call and one step per view) ---------
-def _guided_eps(pipe, x, t, cond, crop, guidance):
-    """ε for one view: unconditional and conditional UNet calls, combined by CFG."""
+def _guided_eps(pipe, x, t, cond, crop, guidance, control=None, image=None, i=0, steps=1):
+    """ε for one view: unconditional and conditional UNet calls, combined by CFG. ``control``:
+    dict(nets, scales, starts, ends, guess) and ``image``: this view's control image per net."""
     (embeds, pooled), (neg_embeds, neg_pooled), (H, W) = cond
     tid = torch.tensor([[H, W, crop[0], crop[1], H, W]], dtype=torch.float32)
-    eps_c = pipe.unet(x, t, embeds, pooled, tid)
+
+    def unet(emb, pool, uncond):
+        res = {}
+        if control is not None and not (uncond and control["guess"]):
+            for n, net in enumerate(control["nets"]):
+                inside = control["starts"][n] <= i / steps and (i + 1) / steps <= control["ends"][n]
+                if not inside:
+                    continue
+                d, m = net(x, t, emb, pool, tid, image[n], control["scales"][n], control["guess"])
+                if not res:
+                    res = {"down_block_additional_residuals": d, "mid_block_additional_residual": m}
+                else:
+                    res["down_block_additional_residuals"] = [a + b for a, b in
+                                                              zip(res["down_block_additional_residuals"], d)]
+                    res["mid_block_additional_residual"] = res["mid_block_additional_residual"] + m
+        return pipe.unet(x, t, emb, pool, tid, **res)
+
+    eps_c = unet(embeds, pooled, False)
     if guidance <= 1:
         return eps_c
-    eps_u = pipe.unet(x, t, neg_embeds, neg_pooled, tid)
+    eps_u = unet(neg_embeds, neg_pooled, True)
     return eps_u + guidance * (eps_c - eps_u)
+
+
+def control_phase_image(image, size):
+    """The control image at a phase's pixel size: the original, bicubic with antialias, in [0, 1]."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+
+
+def control_dilated(image, s, a, b, ph, pw):
+    """Sub-latent (a, b)'s control image: the image, edge-padded 8·(ph, pw) top/left like the
+    latent, read from pixel (8a, 8b) onwards and averaged over s×s boxes."""
+    Hp, Wp = image.shape[-2] + 8 * ph, image.shape[-1] + 8 * pw
+    ext = F.pad(image, (8 * pw, 8 * s, 8 * ph, 8 * s), mode="replicate")
+    part = ext[:, :, 8 * a : 8 * a + Hp, 8 * b : 8 * b + Wp]
+    B, C = part.shape[:2]
+    return part.reshape(B, C, Hp // s, s, Wp // s, s).mean(dim=(3, 5))
 
 
 def _starts(length, window, stride):
@@ -65,10 +100,13 @@ def _blur2d(x, size, std):
     return F.conv2d(x, k, padding=size // 2, groups=c)
 
 
-def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1=3.0, a2=1.0, a3=1.0, sigma=0.8):
+def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1=3.0, a2=1.0, a3=1.0, sigma=0.8,
+                  control=None):
     """Per-step latents {(phase, step): z} of DESIGN.md §3 with jitter off, drawing noise in the
     pipeline's documented order (phase generators from the seed; ε_k; one canvas noise per step
-    for stochastic samplers)."""
+    for stochastic samplers). ``control``: dict(nets, images, scales, starts, ends, guess): the
+    ControlNet default mode of docs/controlnet.md (each phase's image from the original; crops
+    per window, edge-padded; s×s box averages per dilated sub-latent)."""
     sched = pipe.scheduler
     base = pipe.unet.config.sample_size * 8
     win = base // 8
@@ -85,9 +123,13 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
 
     g = gens[0]
     z = torch.randn((1, 4, sizes[0][0] // 8, sizes[0][1] // 8), generator=g) * sched.init_noise_sigma
+    ctl = dict(control=control, steps=steps)
+    if control is not None:
+        images = [control_phase_image(im, sizes[0]) for im in control["images"]]
     for i, t in enumerate(ts):
         noise = torch.randn(z.shape, generator=g) if ancestral else None
-        eps = _guided_eps(pipe, sched.scale_model_input(z, t), t, cond, (0, 0), guidance)
+        eps = _guided_eps(pipe, sched.scale_model_input(z, t), t, cond, (0, 0), guidance, i=i,
+                          image=images if control else None, **ctl)
         z = sched.step(eps, t, z, noise=noise)
         rec[(1, i)] = z.clone()
     mean1, std1 = z.mean(), z.std()
@@ -98,6 +140,8 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
         z_up = F.interpolate(z, size=(h, w), mode="bicubic")
         eps_noise = torch.randn(z_up.shape, generator=g)
         z = sched.add_noise(z_up, eps_noise, ts[0])
+        if control is not None:
+            images = [control_phase_image(im, sizes[k]) for im in control["images"]]
         for i, t in enumerate(ts):
             c = 0.5 * (1 + math.cos(math.pi * (1000 - float(t)) / 1000))
             z = (1 - c**a1) * z + c**a1 * sched.add_noise(z_up, eps_noise, t)
@@ -111,7 +155,11 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
                 for b in _starts(w, ww, stride):
                     a0, b0 = a + J, b + J
                     v = zp[:, :, a0 : a0 + wh, b0 : b0 + ww]
-                    eps = _guided_eps(pipe, sched.scale_model_input(v, t), t, cond, (a0 * 8, b0 * 8), guidance)
+                    crop = None if control is None else [
+                        F.pad(im, (8 * J,) * 4, mode="replicate")[:, :, 8 * a0 : 8 * (a0 + wh), 8 * b0 : 8 * (b0 + ww)]
+                        for im in images]
+                    eps = _guided_eps(pipe, sched.scale_model_input(v, t), t, cond, (a0 * 8, b0 * 8), guidance, i=i,
+                                      image=crop, **ctl)
                     nz = npad[:, :, a0 : a0 + wh, b0 : b0 + ww] if ancestral else None
                     value[:, :, a0 : a0 + wh, b0 : b0 + ww] += sched.step(eps, t, v, noise=nz)
                     count[:, :, a0 : a0 + wh, b0 : b0 + ww] += 1
@@ -126,8 +174,9 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
             out = torch.zeros_like(zg)
             for a in range(s):
                 for b in range(s):
+                    sub = None if control is None else [control_dilated(im, s, a, b, ph, pw) for im in images]
                     eps = _guided_eps(pipe, sched.scale_model_input(blurred[:, :, a::s, b::s], t), t, cond, (0, 0),
-                                      guidance)
+                                      guidance, i=i, image=sub, **ctl)
                     nz = ng[:, :, a::s, b::s] if ancestral else None
                     out[:, :, a::s, b::s] = sched.step(eps, t, zg[:, :, a::s, b::s], noise=nz)
             z_global = out[:, :, ph:, pw:]
