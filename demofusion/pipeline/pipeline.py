@@ -305,10 +305,8 @@ class DemoFusionPipeline:
                 s.prompt, s.negative_prompt, prompt_2=s.prompt_2, negative_prompt_2=s.negative_prompt_2,
                 guidance=s.cfg)
         on = lambda x: None if x is None else x.to(dev, dt)
-        # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size (the
-        # reference ControlNet pipeline: its original size is its phase-1 control image's)
-        orig = s.sizes[0] if s.reference_compat and s.control else (s.height, s.width)
-        time_ids = torch.tensor([[*orig, 0, 0, s.height, s.width]], dtype=dt, device=dev)
+        # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size
+        time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dt, device=dev)
         cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids)
         guide = None if s.control is None else Guide(self.controlnets, s.control, s.num_inference_steps, dev,
                                                      s.reference_compat)

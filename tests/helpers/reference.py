@@ -82,12 +82,18 @@ class _TorchProxy(types.ModuleType):
         return noise.to(device=x.device, dtype=x.dtype).clone()
 
 
-def load_reference(path: str | Path):
-    """Import the reference file as a private module, adapted at runtime (file left untouched)."""
+def load_reference(path: str | Path, name: str = "_demofusion_reference_pipeline"):
+    """Import the reference file as a private module, adapted at runtime (file left untouched).
+    Its ``diffusers.pipelines.controlnet.multicontrolnet`` import (moved in later diffusers) is
+    answered by where diffusers keeps ``MultiControlNetModel`` now."""
     path = Path(path)
-    name = "_demofusion_reference_pipeline"
     if name in sys.modules:
         return sys.modules[name]
+    old = "diffusers.pipelines.controlnet.multicontrolnet"
+    try:
+        importlib.import_module(old)
+    except ImportError:
+        sys.modules[old] = importlib.import_module("diffusers.models.controlnets.multicontrolnet")
     # Import what the reference imports first, so the libraries see the real environment.
     for dep in ("transformers", "diffusers", "diffusers.loaders", "diffusers.image_processor",
                 "diffusers.pipelines.stable_diffusion_xl", "diffusers.pipelines.pipeline_utils"):
