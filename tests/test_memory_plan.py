@@ -152,20 +152,26 @@ def test_from_pretrained_components_wait_at_home():
 
 
 # ---- fake CUDA: a whole SDXL run measured under an 8 GiB plan -----------------------------------
-def home_pipeline(kind: str = "sdxl-base") -> DemoFusionPipeline:
+def home_pipeline(kind: str = "sdxl-base", controlnet: bool = False) -> DemoFusionPipeline:
     """SDXL-shaped components waiting in (fake) CPU memory; the work runs on (fake) CUDA. The VAE is
-    float32, as the released SDXL VAE is run (fp16 overflows)."""
+    float32, as the released SDXL VAE is run (fp16 overflows). ``controlnet``: with the released
+    canny ControlNet's shapes."""
+    from demofusion.controlnet import ControlNet, ControlNetConfig
+    from demofusion.unet import UNetConfig
+
     unet, vae, text, sched = random_components(kind, device="meta", dtype=torch.float16)
+    with torch.device("meta"):
+        nets = [ControlNet(ControlNetConfig(UNetConfig.preset(kind)))] if controlnet else []
     with M.fake_mode():
         for module, dt in ((unet, torch.float16), (vae, torch.float32), (text.text_encoder, torch.float16),
-                           (text.text_encoder_2, torch.float16)):
+                           (text.text_encoder_2, torch.float16), *((n, torch.float16) for n in nets)):
             for m in module.modules():
                 for table in (m._parameters, m._buffers):
                     for n, t in list(table.items()):
                         if t is not None:
                             f = torch.empty(t.shape, dtype=dt if t.is_floating_point() else t.dtype, device="cpu")
                             table[n] = nn.Parameter(f, requires_grad=False) if table is m._parameters else f
-    return DemoFusionPipeline(unet, vae, text, sched, device="cuda")
+    return DemoFusionPipeline(unet, vae, text, sched, device="cuda", controlnet=nets or None)
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +179,15 @@ def sdxl_home():
     return home_pipeline()
 
 
-@pytest.mark.parametrize("height, width", [(4096, 4096), (2048, 4096)])
-def test_whole_sdxl_run_fits_8_gib_on_fake_cuda(sdxl_home, height, width):
-    pipe, budget = sdxl_home, 8 * 2**30
+@pytest.mark.parametrize("height, width, controlnet", [(4096, 4096, False), (2048, 4096, False),
+                                                       (2048, 2048, True)])
+def test_whole_sdxl_run_fits_8_gib_on_fake_cuda(sdxl_home, height, width, controlnet):
+    pipe, budget = home_pipeline(controlnet=True) if controlnet else sdxl_home, 8 * 2**30
     kw = dict(height=height, width=width, num_inference_steps=1, max_memory="8GiB", output_type="pt", seed=1)
+    if controlnet:  # the canny ControlNet's 2.3 GiB come and go with the UNet's 4.8
+        kw["control_image"] = torch.rand(1, 3, 1024, 1024)
     plan = pipe.memory_plan(**kw)  # measures every stage (and fills the caches the run's planning reads)
-    assert plan.peak_bytes <= budget and plan.offload != "sequential"  # full speed: no weight streaming
+    assert plan.peak_bytes <= budget and (plan.offload != "sequential") != controlnet  # streaming only with it
 
     tracker, measured = M.Tracker(), []
     stage = pipe.placement.stage

@@ -19,6 +19,11 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 
+try:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+except ImportError:  # pragma: no cover - very old torch
+    from contextlib import nullcontext as unset_fake_temporarily
+
 
 @dataclass(frozen=True)
 class Control:
@@ -69,7 +74,8 @@ def check_control(n: int, batch: int, control_image=None, controlnet_conditionin
     tensors = []
     for k, im in enumerate(images):
         name = "control_image" if n == 1 else f"control_image[{k}]"
-        x = control_to_tensor(im, name)
+        with unset_fake_temporarily():  # host data, read on the host (also under the memory tests' fake mode)
+            x = control_to_tensor(im, name)
         if x.shape[0] not in (1, batch):
             raise InputError(f"{name} has a batch of {x.shape[0]} but prompt has {batch}; give one image or {batch}")
         tensors.append(x.expand(batch, -1, -1, -1) if x.shape[0] != batch else x)

@@ -42,6 +42,17 @@ def fake_unet(config="sdxl-base", dtype=torch.float16, fp8: bool = False):
     return _once(("unet", _key(config), dtype, fp8), build)
 
 
+def fake_controlnet(config, dtype=torch.float16):
+    """Our ControlNet (a ControlNetConfig), fake CUDA, built once per (config, dtype)."""
+    from ..controlnet import ControlNet
+
+    def build():
+        with torch.device("meta"):
+            return on_fake_cuda(ControlNet(config), dtype)
+
+    return _once(("controlnet", _key(config), dtype), build)
+
+
 def fake_vae(config="sdxl", dtype=torch.float16):
     """Our VAE (a preset name or a VAEConfig), fake CUDA, built once per (config, dtype)."""
     from ..vae import AutoencoderKL, VAEConfig
@@ -96,6 +107,21 @@ def unet_call_peak(config_or_kind="sdxl-base", dtype=torch.float16, latent=(128,
     args = [fake_input(batch, *shape, dtype=dtype) for shape in
             ((c.in_channels, *latent), (77, c.cross_attention_dim), (pooled,), (6,))]
     return _peak(lambda x, *a: unet(x, 999.0, *a), *args, modules=(unet,), flash=flash)
+
+
+@functools.lru_cache(maxsize=None)
+def controlnet_call_peak(config, dtype=torch.float16, latent=(128, 128), batch=2) -> tuple[StagePeak, int]:
+    """One ControlNet forward on ``batch`` latents of ``latent`` and their control images; and the
+    bytes of its residuals (alive while the UNet call that adds them runs)."""
+    net = fake_controlnet(config, dtype)
+    c = config.unet
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    args = [fake_input(batch, *shape, dtype=dtype) for shape in
+            ((c.in_channels, *latent), (77, c.cross_attention_dim), (pooled,), (6,),
+             (config.conditioning_channels, 8 * latent[0], 8 * latent[1]))]
+    w = weight_bytes(net)
+    (down, mid), tr = track(lambda x, *a: net(x, 999.0, *a), *args, resident=(net,))
+    return StagePeak(w, tr.peak - w), sum(t.untyped_storage().nbytes() for t in (*down, mid))
 
 
 def vae_decode_tile_peak(tile_latent=(128, 128), dtype=torch.float16, batch=2, config="sdxl") -> StagePeak:

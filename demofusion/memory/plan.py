@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..placement import POLICIES
-from .fake import _once, fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
+from .fake import _once, controlnet_call_peak, fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
 from .measure import GiB, weight_bytes
 from .stages import Stage, _latent_bytes, decode_peak, unet_calls
 
@@ -71,6 +71,8 @@ class Model:
     vae_bytes: int
     text_bytes: int
     unit_bytes: int  # the largest unit the UNet streams in (offload "sequential")
+    control_configs: tuple = ()  # the ControlNets' configs (they work, and stream, with the UNet)
+    control_bytes: int = 0
 
     @classmethod
     def of(cls, pipe) -> "Model":
@@ -80,11 +82,12 @@ class Model:
         vae, text = pipe.vae, pipe.text
         upcasts = vae.dtype == torch.float16 and vae.on_fp16_overflow == "upcast" and vae.config.force_upcast
         vae_bytes = weight_bytes(vae) * (2 if upcasts else 1)
-        encoders = (text.text_encoder, text.text_encoder_2)
+        encoders, nets = (text.text_encoder, text.text_encoder_2), getattr(pipe, "controlnets", [])
         return cls(pipe.unet.config, pipe.unet.dtype, is_fp8(pipe.unet), vae.config,
                    torch.float32 if upcasts else vae.dtype, tuple(e.config for e in encoders), text.dtype,
                    weight_bytes(pipe.unet), vae_bytes, weight_bytes(*encoders),
-                   max(weight_bytes(u) for u in stream_units(pipe.unet)))
+                   max(weight_bytes(u) for m in (pipe.unet, *nets) for u in stream_units(m)),
+                   tuple(n.controlnet_config for n in nets), weight_bytes(*nets) if nets else 0)
 
 
 def preset_model(kind: str = "sdxl-base", dtype=torch.float16, fp8: bool = False, vae_dtype=None) -> Model:
@@ -147,10 +150,11 @@ class MemoryPlan:
 
 # ---- the stages of a run under a choice -------------------------------------------------------
 def _weights(m: Model, policy: str, stage: str, offload_text: bool) -> int:
+    unet = m.unet_bytes + m.control_bytes  # the ControlNets come and go with the UNet
     if policy == "none":
-        return m.unet_bytes + m.vae_bytes + (m.text_bytes if stage == "text" or not offload_text else 0)
+        return unet + m.vae_bytes + (m.text_bytes if stage == "text" or not offload_text else 0)
     if stage == "unet":
-        return m.unit_bytes if policy == "sequential" else m.unet_bytes
+        return m.unit_bytes if policy == "sequential" else unet
     return m.text_bytes if stage == "text" else m.vae_bytes
 
 
@@ -167,10 +171,25 @@ def unet_stages(m: Model, s, c: Choice) -> list[Stage]:
         for paths, views, shape in unet_calls(s, k):
             b = views * s.batch * rows
             act = unet_call_peak(m.unet_config, m.unet_dtype, tuple(shape), b, fp8=m.fp8).activation_bytes
+            act, images = _with_controlnets(m, s, k, act, tuple(shape), b, rows)
             out.append(Stage(k + 1, "unet", f"{paths}: batch {b} × {shape[0]}×{shape[1]}",
                              _weights(m, c.offload, "unet", s.offload_text_encoders), act,
-                             _latent_bytes(s, k, s.num_inference_steps, "unet"), b))
+                             _latent_bytes(s, k, s.num_inference_steps, "unet") + images, b))
     return out
+
+
+def _with_controlnets(m: Model, s, k: int, unet_act: int, shape: tuple, b: int, rows: int) -> tuple[int, int]:
+    """(activations, control image bytes) of a UNet call of batch ``b`` (``rows`` per view: 2 with
+    CFG in one call) with the run's ControlNets: each ControlNet's call (the residuals summed so
+    far alive), then the UNet's with the residuals, the call's control crops alive throughout; and
+    the phase's control images (fp32: resized, padded for the windows, padded for the dilation)."""
+    if not m.control_configs or s.control is None:
+        return unet_act, 0
+    peaks = [controlnet_call_peak(cfg, m.unet_dtype, shape, b) for cfg in m.control_configs]
+    res, n = max(r for _, r in peaks), len(peaks)
+    crops = n * (b // rows) * 3 * 64 * shape[0] * shape[1] * torch.finfo(m.unet_dtype).bits // 8
+    act = crops + max(max(p.activation_bytes for p, _ in peaks) + (res if n > 1 else 0), unet_act + res)
+    return act, n * s.batch * 3 * s.sizes[k][0] * s.sizes[k][1] * 4 * 3
 
 
 def vae_stages(m: Model, s, c: Choice) -> list[Stage]:

@@ -76,7 +76,7 @@ class Denoiser:
             x = sched.scale_model_input_at(x, i if idx is None else idx)
             views = x.shape[0] // B
             images = None if control is None else \
-                [torch.cat([f() for f in per_net[a // B : a // B + views]]) for per_net in control]
+                [torch.cat([f() for f in per_net[a // B : a // B + views]]).to(self.unet.dtype) for per_net in control]
             emb, pooled = c.embeds.repeat(views, 1, 1), c.pooled.repeat(views, 1)
             time_ids = c.time_ids.repeat(x.shape[0], 1)
             time_ids[:, 2:4] = crops[a : a + chunk].to(time_ids)
