@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPOS = {"sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo"}
+REPOS = {"sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo",
+         "controlnet-canny-sdxl": "diffusers/controlnet-canny-sdxl-1.0",  # ControlNets: config + one weights file
+         "controlnet-canny-sdxl-mid": "diffusers/controlnet-canny-sdxl-1.0-mid",
+         "controlnet-canny-sdxl-small": "diffusers/controlnet-canny-sdxl-1.0-small"}
 SINGLE_FILES = {  # (repo file for fp32, for fp16) of the one-file SGM checkpoints
     "sdxl-base": ("sd_xl_base_1.0.safetensors", "sd_xl_base_1.0.safetensors"),  # base ships one (fp16 data)
     "sdxl-turbo": ("sd_xl_turbo_1.0.safetensors", "sd_xl_turbo_1.0_fp16.safetensors"),
@@ -24,9 +27,13 @@ def allow_patterns(model: str, variant: str | None = None, single_file: bool = F
         raise DownloadError(f"unknown model {model!r}; choose one of {', '.join(REPOS)}")
     if variant not in (None, "fp16"):
         raise DownloadError(f"unknown variant {variant!r}; use --variant fp16 or leave it out (fp32)")
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    if model.startswith("controlnet"):
+        if single_file:
+            raise DownloadError(f"{model} has no single-file checkpoint; leave out --single-file")
+        return ["config.json", f"diffusion_pytorch_model{suffix}"]
     if single_file:
         return [SINGLE_FILES[model][variant == "fp16"]]
-    suffix = f".{variant}.safetensors" if variant else ".safetensors"
     files = ["model_index.json", "scheduler/scheduler_config.json"]
     for comp, stem in WEIGHT_FILES.items():
         files += [f"{comp}/config.json", f"{comp}/{stem}{suffix}"]

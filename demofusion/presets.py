@@ -34,6 +34,21 @@ def tiny_components(seed: int = 0, device="cpu", dtype=torch.float32):
     return random_components("tiny", seed, device, dtype)
 
 
+def tiny_controlnet(unet_config, seed: int = 1, device="cpu", dtype=torch.float32):
+    """A ControlNet that fits a UNet of ``unet_config``, every weight seeded random — its zero
+    projections too, so it acts — and a small conditioning embedding (16, 32, 32, 32) drawn at
+    2/√fan_in so the control map shows. Untrained: for demos and tests, like ``tiny``."""
+    from .controlnet import ControlNet, ControlNetConfig
+
+    net = random_init_(ControlNet(ControlNetConfig(unet_config, 3, (16, 32, 32, 32))), seed)
+    emb = net.controlnet_cond_embedding
+    random_init_(emb, seed + 1)
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.mul_(2.0) if p.ndim >= 2 else None
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 # kind -> (UNet preset, VAE preset, text preset)
 _KINDS = {
     "tiny": ("tiny", "tiny", "tiny"),

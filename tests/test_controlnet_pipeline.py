@@ -226,7 +226,7 @@ def test_bad_control_inputs_are_one_line_errors(small):
         (two, dict(control_image=[img, img], controlnet_conditioning_scale=[1.0, 1.0, 1.0]),
          ("controlnet_conditioning_scale has 3 entries for 2",)),
         (one, dict(control_image=img, control_guidance_start=0.6, control_guidance_end=0.4),
-         ("control_guidance_start 0.6 must be below control_guidance_end 0.4",)),
+         ("control_guidance_start=0.6 must be below control_guidance_end=0.4",)),
         (two, dict(control_image=[img, img], control_guidance_start=[0.0, 0.5], control_guidance_end=0.5),
          ("ControlNet 1",)),
         (one, dict(), ("pass control_image=",)),

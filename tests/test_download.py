@@ -35,6 +35,11 @@ REPO_FILES = {
         "prompt_alignment_one_step.png", "sd_xl_turbo_1.0.safetensors", "sd_xl_turbo_1.0_fp16.safetensors",
         *_COMMON, *_DIFFUSERS,
     ],
+    "controlnet-canny-sdxl": [
+        ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin",
+        "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors", "out_bird.png",
+        "out_hug_lab_7.png", "out_realistic_1.png", "out_room.png", "out_tornado.png",
+    ],
 }
 
 
@@ -64,6 +69,15 @@ def test_patterns_fetch_exactly_what_we_load(model, variant):
     ("sdxl-turbo", "fp16", "sd_xl_turbo_1.0_fp16.safetensors")])
 def test_single_file_pattern(model, variant, want):
     assert selected(model, variant, single_file=True)[1] == {want}
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_controlnet_patterns_fetch_its_config_and_one_weights_file(variant):
+    pats, files = selected("controlnet-canny-sdxl", variant)
+    want = "diffusion_pytorch_model.fp16.safetensors" if variant else "diffusion_pytorch_model.safetensors"
+    assert files == {"config.json", want} and len(pats) == 2
+    with pytest.raises(DownloadError, match="no single-file checkpoint"):
+        allow_patterns("controlnet-canny-sdxl", single_file=True)
 
 
 def test_bad_arguments():

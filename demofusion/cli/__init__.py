@@ -28,7 +28,8 @@ def cmd_download(args) -> int:
         path = download(args.model, args.dir, args.variant, args.single_file)
     except DownloadError as e:
         raise CLIError(str(e)) from e
-    print(f"downloaded to {path}; use it with `demofusion generate --model {path}`")
+    flag = "--controlnet" if args.model.startswith("controlnet") else "--model"
+    print(f"downloaded to {path}; use it with `demofusion generate {flag} {path}`")
     return 0
 
 

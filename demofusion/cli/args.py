@@ -28,6 +28,15 @@ DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negat
             "phase_sizes": None, "model": "tiny", "device": "auto", "dtype": "auto", "max_memory": None,
             "offload": None, "fp8": False,
             **{k: d for k, _, d, _ in KNOBS}, **{k: True for k, _ in SWITCHES}}
+# ControlNets (cli/control.py): recorded with a run, part of its id (with the maps' hashes)
+CONTROL_DEFAULTS = {"controlnet": None, "control_image": None, "control": None, "control_source": None,
+                    "canny_low": 100, "canny_high": 200, "control_scale": None, "control_start": None,
+                    "control_end": None, "guess_mode": False}
+CONTROL_KEYS = list(CONTROL_DEFAULTS)
+CONTROL_FLAGS = {"control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
+                 "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
+                 "guess_mode": "--guess-mode"}
+DEFAULTS.update(CONTROL_DEFAULTS)
 # where a run's weights and batches go: recorded, free to change on resume (like --device)
 PLACEMENT_KEYS = ["max_memory", "offload"]
 OFFLOAD = ("none", "model", "sequential")
@@ -83,6 +92,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     for name, help_ in SWITCHES:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
                        help=f"{help_} (default on)")
+    _add_control_args(p)
     p.add_argument("--model", help="a path, or a preset: tiny (default), sdxl-base, sdxl-turbo")
     p.add_argument("--device", help="auto (default: cuda, then mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", help="auto (default: float16 on cuda/mps, float32 on cpu), float32, float16 or bfloat16")
@@ -101,6 +111,28 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out folder")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
+
+
+def _add_control_args(p) -> None:
+    p.add_argument("--controlnet", action="append", metavar="PATH",
+                   help="an SDXL ControlNet (diffusers folder or .safetensors; 'tiny' fits the tiny model); "
+                        "repeat for several")
+    p.add_argument("--control-image", dest="control_image", action="append", metavar="FILE",
+                   help="a ready control map (edges, depth …) for the next ControlNet; any size, resized per phase")
+    p.add_argument("--control", choices=["canny"],
+                   help="compute the first ControlNet's map: Canny edges (OpenCV) of --control-source or --image")
+    p.add_argument("--control-source", dest="control_source", metavar="FILE",
+                   help="the picture --control canny reads (default: --image)")
+    p.add_argument("--canny-low", dest="canny_low", type=int, help="Canny's lower threshold (default 100)")
+    p.add_argument("--canny-high", dest="canny_high", type=int, help="Canny's upper threshold (default 200)")
+    p.add_argument("--control-scale", dest="control_scale", type=float, action="append", metavar="S",
+                   help="conditioning scale (default 1; the reference demo uses 0.5); once, or once per ControlNet")
+    p.add_argument("--control-start", dest="control_start", type=float, action="append", metavar="F",
+                   help="the fraction of the steps after which a ControlNet starts acting (default 0)")
+    p.add_argument("--control-end", dest="control_end", type=float, action="append", metavar="F",
+                   help="the fraction of the steps after which a ControlNet stops acting (default 1)")
+    p.add_argument("--guess-mode", dest="guess_mode", action="store_true", default=None,
+                   help="the ControlNets see only the conditional half (diffusers' guess mode)")
 
 
 def build_parser() -> Parser:
@@ -139,7 +171,8 @@ def build_parser() -> Parser:
                    help="knob sweep on the full model, e.g. --sweep cosine_scale_1=1,3,5 (repeatable)")
 
     d = sub.add_parser("download", help="download SDXL weights (only the files we load)")
-    d.add_argument("model", choices=["sdxl-base", "sdxl-turbo"])
+    d.add_argument("model", choices=["sdxl-base", "sdxl-turbo", "controlnet-canny-sdxl", "controlnet-canny-sdxl-mid",
+                                     "controlnet-canny-sdxl-small"])
     d.add_argument("--dir", default="weights")
     d.add_argument("--variant", default=None, choices=["fp16"])
     d.add_argument("--single-file", action="store_true", help="the one-file SGM checkpoint instead")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .args import COMPILE_MODES, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
+from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
 
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
              "not art. For real images: `demofusion download sdxl-base --dir weights/` then "
@@ -106,7 +106,7 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
 
 
 FLAGS = {**{k: f"--{k.replace('_', '-')}" for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, "num_inference_steps": "--steps",
-         "guidance_scale": "--guidance"}
+         "guidance_scale": "--guidance", **CONTROL_FLAGS}
 
 
 def _as_flag(message: str) -> str:
@@ -130,7 +130,8 @@ def report_work(s, device: str, model: str) -> None:
 
 
 # ---- loading ----------------------------------------------------------------------------------
-def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None = None, fp8: bool = False):
+def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None = None, fp8: bool = False,
+                  controlnets: list | None = None):
     import torch
 
     from ..pipeline import DemoFusionPipeline
@@ -144,7 +145,9 @@ def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None 
     if dt != torch.float32 and device == "cpu":
         print(f"note: {dtype} on CPU is slow and not always supported; float32 is the CPU default", file=sys.stderr)
     try:
-        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=fp8)
+        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=fp8, controlnet=controlnets)
+    except InputError as e:  # a ControlNet that does not fit the model
+        raise CLIError(_as_flag(str(e))) from None
     except (WeightsError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0]
         if "demofusion download" not in msg and "inspect" not in msg:
@@ -157,19 +160,20 @@ def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None 
     return pipe
 
 
-def model_fingerprint(pipe, model: str) -> str:
-    """sha256 (first 16 hex) of the UNet weights file (first 64 MiB + size), or of the tiny preset's state."""
+def model_fingerprint(pipe, model: str, component: str = "unet") -> str:
+    """sha256 (first 16 hex) of the UNet's (``component``'s) weights file (first 64 MiB + size), or
+    of the tiny preset's state; ``pipe``: the pipeline, or the module itself."""
     path = Path(model)
     if path.exists():
         from ..weights import resolve_component
 
-        f = Path(resolve_component(path, "unet", ["diffusion_pytorch_model"])[0]) if path.is_dir() else path
+        f = Path(resolve_component(path, component, ["diffusion_pytorch_model"])[0]) if path.is_dir() else path
         h = hashlib.sha256(str(f.stat().st_size).encode())
         with open(f, "rb") as fh:
             h.update(fh.read(64 << 20))
         return h.hexdigest()[:16]
     h = hashlib.sha256()
-    for k, v in pipe.unet.state_dict().items():
+    for k, v in getattr(pipe, "unet", pipe).state_dict().items():
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -242,7 +246,31 @@ def memory_plan(s, params: dict):
         model = Model.of(SimpleNamespace(unet=unet, vae=vae, text=text))
     else:
         model = preset_model("sdxl-turbo" if s.base_size == 512 else "sdxl-base", dt, fp8)
+    if params.get("controlnet"):
+        model = _with_controlnets(model, params["controlnet"], dt)
     return plan_run(SimpleNamespace(device=torch.device(params["device"])), s, model=model)
+
+
+def _with_controlnets(model, paths: list, dtype):
+    """The plan's model with the ControlNets of ``paths``: their config.json, else (a single file)
+    the released full SDXL ControlNet's shapes; 'tiny' fits the tiny UNet."""
+    import dataclasses
+
+    from ..controlnet import ControlNetConfig
+    from ..memory.fake import fake_controlnet
+    from ..memory.measure import weight_bytes
+
+    cfgs = []
+    for p in paths:
+        cfg_file = Path(p) / "config.json"
+        if p == "tiny":
+            cfgs.append(ControlNetConfig(model.unet_config, 3, (16, 32, 32, 32)))
+        elif cfg_file.is_file():
+            cfgs.append(ControlNetConfig.from_diffusers(json.loads(cfg_file.read_text())))
+        else:
+            cfgs.append(ControlNetConfig(model.unet_config))
+    return dataclasses.replace(model, control_configs=tuple(cfgs),
+                               control_bytes=sum(weight_bytes(fake_controlnet(c, dtype)) for c in cfgs))
 
 
 def defaults() -> dict:

@@ -18,13 +18,15 @@ from . import ranks
 from ..errors import InputError
 from ..outputs import (RUN_FILE, check_output_folder, load_latents, new_run_folder, read_png_params, save_latents,
                        save_png, write_json)
-from .args import PLACEMENT_KEYS, RUN_KEYS
+from .args import CONTROL_KEYS, PLACEMENT_KEYS, RUN_KEYS
+from .control import control_hashes, control_kwargs, control_maps
 from .common import (CLIError, _as_flag, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, memory_plan, model_fingerprint, oom_message, peak_memory, report_work,
                      run_settings, sampler_name, warn_long_prompt)
 
-SETUP_KEYS = ("model", "dtype", "image", "fp8")  # beyond RUN_KEYS, what a resume must not change
-DERIVED = ("phase", "run_id", "version", "sampler", "model_hash", "image_sha256")  # recomputed by each run
+SETUP_KEYS = ("model", "dtype", "image", "fp8", *CONTROL_KEYS)  # beyond RUN_KEYS, what a resume must not change
+DERIVED = ("phase", "run_id", "version", "sampler", "model_hash", "image_sha256", "control_sha256",
+           "controlnet_hash")  # recomputed by each run
 
 
 class _Stop(Exception):
@@ -34,12 +36,13 @@ class _Stop(Exception):
 # ---- parameters ---------------------------------------------------------------------------------
 def run_id(params: dict) -> str:
     """What makes a run's pixels, hashed: the phase files of a run carry it (resume checks it)."""
-    keys = [*RUN_KEYS, "model", "model_hash", "dtype", "image_sha256", *(["fp8"] if params.get("fp8") else [])]
+    keys = [*RUN_KEYS, "model", "model_hash", "dtype", "image_sha256", *(["fp8"] if params.get("fp8") else []),
+            *([*CONTROL_KEYS, "control_sha256", "controlnet_hash"] if params.get("controlnet") else [])]
     return hashlib.sha256(json.dumps({k: params.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _given(args) -> dict:
-    keys = (*RUN_KEYS, *PLACEMENT_KEYS, "model", "device", "dtype", "force", "fp8")
+    keys = (*RUN_KEYS, *PLACEMENT_KEYS, *CONTROL_KEYS, "model", "device", "dtype", "force", "fp8")
     return {k: v for k, v in vars(args).items() if v is not None and k in keys}
 
 
@@ -60,6 +63,8 @@ def _resumed_params(args) -> tuple[dict, Path]:
         raise CLIError(f"--out {args.out} conflicts with --resume {out}: a run resumes in its own folder; drop --out")
     if params.get("image") and _sha256(params["image"]) != params.get("image_sha256"):
         raise CLIError(f"--resume {out}: the picture {params['image']} changed since the run started; start a new run")
+    if control_hashes(params) != params.get("control_sha256"):
+        raise CLIError(f"--resume {out}: a control map's file changed since the run started; start a new run")
     params.update({k: v for k, v in _given(args).items() if k in ("device", *PLACEMENT_KEYS)})
     return params, out
 
@@ -101,6 +106,7 @@ def settle_params(args) -> tuple[dict, Path | None, bool]:
     params.update(_given(args))
     if args.image:
         params["image"] = args.image
+    params["control_sha256"] = control_hashes(params)
     if args.scale is not None and not params.get("image"):
         raise CLIError(f"--scale {args.scale} needs a picture: give --image PATH (or use `demofusion upscale PATH`)")
     if params.get("image"):
@@ -172,7 +178,9 @@ def cmd_generate(args) -> int:
     print(f"demofusion {__version__}: {params['model']} on {params['device']} in {params['dtype']}")
     image = load_image(params["image"], "--image") if params.get("image") else None
     dry = getattr(args, "dry_run", False)
-    settings = run_settings(params, base_size_of(params["model"], planning=dry), args.stop_after_phase, image=image)
+    control = control_kwargs(params, control_maps(params))  # the maps are read and checked before any weights
+    settings = run_settings(params, base_size_of(params["model"], planning=dry), args.stop_after_phase, image=image,
+                            controlnets=len(params.get("controlnet") or []), **control)
     params["stride"] = settings.stride
     if out is not None and not resuming:
         _prepare_folder(out, args, params, check_only=True)  # a bad --out is said before the weights load
@@ -185,7 +193,8 @@ def cmd_generate(args) -> int:
         print("dry run: settings and output folder are valid; no weights loaded, nothing written")
         return 0
     t0 = time.perf_counter()
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")))
+    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")),
+                         params.get("controlnet"))
     out = out if resuming or not writer else _prepare_folder(out, args, params)
     fp = model_fingerprint(pipe, params["model"])
     if resuming and params.get("model_hash") not in (None, fp):
@@ -195,6 +204,9 @@ def cmd_generate(args) -> int:
         print(f"warning: model hash {fp} differs from the one recorded ({params['model_hash']}); "
               "the pictures will not match", file=sys.stderr)
     params.update(model_hash=fp, sampler=sampler_name(pipe.scheduler), version=__version__)
+    if params.get("controlnet"):
+        params["controlnet_hash"] = [model_fingerprint(n, path, "controlnet") for n, path in
+                                     zip(pipe.controlnets, params["controlnet"])]
     params["run_id"] = run_id(params) if not resuming else params["run_id"]
     done = finished_phases(out, params, settings) if resuming else []
     if not resuming and writer:
@@ -215,6 +227,7 @@ def cmd_generate(args) -> int:
             raise _Stop(k)
 
     kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": bool(params.get("force"))}
+    kwargs |= control
     try:
         with warnings.catch_warnings():  # said once above, in the CLI's words
             warnings.filterwarnings("ignore", message="prompt is longer")

@@ -83,7 +83,7 @@ def check_control(n: int, batch: int, control_image=None, controlnet_conditionin
     ends = _per_net("control_guidance_end", control_guidance_end, n, 0.0, 1.0)
     for k, (a, b) in enumerate(zip(starts, ends)):
         if a >= b:
-            raise InputError(f"control_guidance_start {a} must be below control_guidance_end {b}"
+            raise InputError(f"control_guidance_start={a} must be below control_guidance_end={b}"
                              + (f" (ControlNet {k})" if n > 1 else ""))
     scales = _per_net("controlnet_conditioning_scale", controlnet_conditioning_scale, n, 0.0, 100.0)
     return Control(tuple(tensors), scales, starts, ends, check_bool("guess_mode", guess_mode))

@@ -103,9 +103,10 @@ class DemoFusionPipeline:
         or with ``fp8``, the weights are loaded into CPU memory and each run brings them to
         ``device`` as its plan says. ``fp8``: store the UNet's weights as float8_e4m3fn (half the
         bytes; docs/fp8.md for the error it costs). ``controlnet``: a ControlNet folder or file, a
-        loaded module, or a list of those (several ControlNets), loaded in ``dtype``.
+        loaded module, ``"tiny"`` (random, fits the tiny preset), or a list of those, loaded in ``dtype``.
         """
         from ..controlnet import load_controlnet
+        from ..presets import tiny_controlnet
         from ..devices import default_dtype, resolve_device
         from .settings import _check_offload
         from ..memory.plan import parse_budget
@@ -120,8 +121,11 @@ class DemoFusionPipeline:
             from ..fp8 import to_fp8_
 
             to_fp8_(parts[0])
-        nets = [n if isinstance(n, torch.nn.Module) else load_controlnet(n, dtype=dtype, device=parts[0].device)
-                for n in (controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] if controlnet else [])]
+        nets = [n if isinstance(n, torch.nn.Module) else tiny_controlnet(parts[0].config, seed + k + 1, parts[0].device,
+                                                                           dtype) if str(n) == "tiny"
+                else load_controlnet(n, dtype=dtype, device=parts[0].device)
+                for k, n in enumerate(controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] if controlnet
+                                      else [])]
         pipe = cls(*parts, name=name + (" (fp8)" if fp8 else ""), device=device, controlnet=nets or None)
         pipe.max_memory, pipe.offload = max_memory, offload
         return pipe
