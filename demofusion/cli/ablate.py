@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..outputs import check_output_folder, new_run_folder, save_png, write_json
 from .args import ABLATIONS, KNOBS, PLACEMENT_KEYS, RUN_KEYS
+from .control import control_kwargs, control_maps
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
 
@@ -70,15 +71,18 @@ def cmd_ablate(args) -> int:
     check_compile(args.compile)
     base = base_size_of(params["model"])
     cells = ablation_cells(args.grid, args.sweep)
+    control = control_kwargs(params, control_maps(params))  # the same ControlNets in every cell
+    nets = len(params.get("controlnet") or [])
     for name, change in cells:  # every cell, before the first runs
         try:
-            run_settings({**params, **change}, base)
+            run_settings({**params, **change}, base, controlnets=nets, **control)
         except CLIError as e:
             raise CLIError(f"cell {name}: {e}") from None
     params["stride"] = params["stride"] if params["stride"] is not None else base // 16
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, create=False)  # said before the weights load
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")))
+    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")),
+                         params.get("controlnet"))
     out = new_run_folder("out", params["seed"]) if args.out is None else Path(args.out)
     check_output_folder(out, args.overwrite)
     base_params = {**params, "model_hash": model_fingerprint(pipe, params["model"]),
@@ -91,7 +95,7 @@ def cmd_ablate(args) -> int:
         folder.mkdir(exist_ok=True)
         save = lambda k, image, z, folder=folder, cell=cell: save_png(image, folder / f"phase_{k}.png", {**cell, "phase": k})
         try:
-            res = pipe(**{k: cell[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, on_phase_end=save)
+            res = pipe(**{k: cell[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, on_phase_end=save, **control)
         except RuntimeError as e:
             if is_oom(e):
                 raise CLIError(f"cell {name}: {oom_message(e)}") from e

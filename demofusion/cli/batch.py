@@ -18,6 +18,7 @@ from pathlib import Path
 from ..outputs import read_png_params, save_png, write_json
 from . import ranks
 from .args import PLACEMENT_KEYS, RUN_KEYS
+from .control import control_hashes, control_kwargs, control_maps, net_hashes
 from .common import CLIError, base_size_of, load_pipeline, model_fingerprint, run_settings, sampler_name
 
 MANIFEST = "manifest.json"
@@ -51,14 +52,19 @@ def cmd_prompts(args, params: dict, run_id) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file; give a folder")
     base = base_size_of(params["model"])
-    settings = run_settings({**params, "prompt": prompts[0]}, base)  # every flag checked before loading
+    control = control_kwargs(params, control_maps(params))  # the same ControlNets for every prompt
+    params["control_sha256"] = control_hashes(params)
+    settings = run_settings({**params, "prompt": prompts[0]}, base, controlnets=len(params.get("controlnet") or []),
+                            **control)  # every flag checked before loading
     params["stride"] = settings.stride
     params["device"] = ranks.join(params["device"])
     from ..parallel import rank as this_rank
 
     rank, world = this_rank(), ranks.world_size()
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")))
+    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")),
+                         params.get("controlnet"))
     params.update(model_hash=model_fingerprint(pipe, params["model"]), sampler=sampler_name(pipe.scheduler))
+    params["controlnet_hash"] = net_hashes(pipe, params)
     out.mkdir(parents=True, exist_ok=True)
     entries, made = [], 0
     for i, prompt in enumerate(prompts):
@@ -75,7 +81,7 @@ def cmd_prompts(args, params: dict, run_id) -> int:
                            "replace it, or another --out")
         try:
             result = pipe(**{k: p[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, force=bool(p.get("force")),
-                          distributed=False, progress=args.progress)
+                          distributed=False, progress=args.progress, **control)
             save_png(result.images[-1], path, {**p, "phase": len(result.images)})  # atomic: whole or absent
         except KeyboardInterrupt:
             print(f"interrupted; the finished images are in {out} — run the same command again to make the rest",

@@ -86,3 +86,11 @@ def control_kwargs(params: dict, maps: list) -> dict:
             "control_guidance_start": one(params.get("control_start"), 0.0),
             "control_guidance_end": one(params.get("control_end"), 1.0),
             "guess_mode": bool(params.get("guess_mode"))}
+
+
+def net_hashes(pipe, params: dict) -> list | None:
+    """The loaded ControlNets' fingerprints (as the model's: file head and size, or the preset's state)."""
+    from .common import model_fingerprint
+
+    paths = params.get("controlnet") or []
+    return [model_fingerprint(n, p, "controlnet") for n, p in zip(pipe.controlnets, paths)] if paths else None

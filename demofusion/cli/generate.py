@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..outputs import (RUN_FILE, check_output_folder, load_latents, new_run_folder, read_png_params, save_latents,
                        save_png, write_json)
 from .args import CONTROL_KEYS, PLACEMENT_KEYS, RUN_KEYS
-from .control import control_hashes, control_kwargs, control_maps
+from .control import control_hashes, control_kwargs, control_maps, net_hashes
 from .common import (CLIError, _as_flag, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, memory_plan, model_fingerprint, oom_message, peak_memory, report_work,
                      run_settings, sampler_name, warn_long_prompt)
@@ -204,9 +204,7 @@ def cmd_generate(args) -> int:
         print(f"warning: model hash {fp} differs from the one recorded ({params['model_hash']}); "
               "the pictures will not match", file=sys.stderr)
     params.update(model_hash=fp, sampler=sampler_name(pipe.scheduler), version=__version__)
-    if params.get("controlnet"):
-        params["controlnet_hash"] = [model_fingerprint(n, path, "controlnet") for n, path in
-                                     zip(pipe.controlnets, params["controlnet"])]
+    params["controlnet_hash"] = net_hashes(pipe, params)
     params["run_id"] = run_id(params) if not resuming else params["run_id"]
     done = finished_phases(out, params, settings) if resuming else []
     if not resuming and writer:
