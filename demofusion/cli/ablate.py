@@ -81,8 +81,7 @@ def cmd_ablate(args) -> int:
     params["stride"] = params["stride"] if params["stride"] is not None else base // 16
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, create=False)  # said before the weights load
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")),
-                         params.get("controlnet"))
+    pipe = load_pipeline(params, args.compile)
     out = new_run_folder("out", params["seed"]) if args.out is None else Path(args.out)
     check_output_folder(out, args.overwrite)
     base_params = {**params, "model_hash": model_fingerprint(pipe, params["model"]),

@@ -37,6 +37,12 @@ CONTROL_FLAGS = {"control_image": "--control-image", "controlnet_conditioning_sc
                  "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
                  "guess_mode": "--guess-mode"}
 DEFAULTS.update(CONTROL_DEFAULTS)
+# what a run brings to the model: sampler, VAE, LoRAs, prompt handling (recorded, part of the run id)
+MODEL_DEFAULTS = {"scheduler": None, "timestep_spacing": None, "vae": None, "lora": None, "truncate_prompts": False}
+MODEL_KEYS = list(MODEL_DEFAULTS)
+SAMPLER_NAMES = ("ddim", "euler", "euler-a")
+SPACINGS = ("leading", "trailing", "linspace")
+DEFAULTS.update(MODEL_DEFAULTS)
 # where a run's weights and batches go: recorded, free to change on resume (like --device)
 PLACEMENT_KEYS = ["max_memory", "offload"]
 OFFLOAD = ("none", "model", "sequential")
@@ -94,6 +100,17 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                        help=f"{help_} (default on)")
     _add_control_args(p)
     p.add_argument("--model", help="a path, or a preset: tiny (default), sdxl-base, sdxl-turbo")
+    p.add_argument("--scheduler", choices=SAMPLER_NAMES,
+                   help="the sampler, on the model's own schedule (default: the model's scheduler config)")
+    p.add_argument("--timestep-spacing", dest="timestep_spacing", choices=SPACINGS,
+                   help="how the steps are spread (default: the model's: leading for SDXL base, trailing for Turbo)")
+    p.add_argument("--vae", metavar="PATH", help="another VAE: a diffusers VAE folder or one .safetensors "
+                   "(e.g. madebyollin/sdxl-vae-fp16-fix)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT .safetensors), fused at SCALE (default 1); repeatable")
+    p.add_argument("--truncate-prompts", dest="truncate_prompts", action="store_true", default=None,
+                   help="cut prompts at CLIP's 77 tokens, no weighting syntax (diffusers' behaviour); default: "
+                        "long prompts in 75-token chunks, A1111 (word:1.3) weights")
     p.add_argument("--device", help="auto (default: cuda, then mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", help="auto (default: float16 on cuda/mps, float32 on cpu), float32, float16 or bfloat16")
     p.add_argument("--max-memory", dest="max_memory", metavar="SIZE",

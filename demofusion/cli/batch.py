@@ -61,8 +61,7 @@ def cmd_prompts(args, params: dict, run_id) -> int:
     from ..parallel import rank as this_rank
 
     rank, world = this_rank(), ranks.world_size()
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")),
-                         params.get("controlnet"))
+    pipe = load_pipeline(params, args.compile)
     params.update(model_hash=model_fingerprint(pipe, params["model"]), sampler=sampler_name(pipe.scheduler))
     params["controlnet_hash"] = net_hashes(pipe, params)
     out.mkdir(parents=True, exist_ok=True)

@@ -130,8 +130,8 @@ def report_work(s, device: str, model: str) -> None:
 
 
 # ---- loading ----------------------------------------------------------------------------------
-def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None = None, fp8: bool = False,
-                  controlnets: list | None = None):
+def load_pipeline(params: dict, compile_mode: str | None = None):
+    """The run's pipeline: ``params``' model, device, dtype, fp8, VAE, LoRAs, ControlNets and sampler."""
     import torch
 
     from ..pipeline import DemoFusionPipeline
@@ -139,14 +139,19 @@ def load_pipeline(model: str, device: str, dtype: str, compile_mode: str | None 
 
     from ..weights import parse_dtype
 
+    model, device, dtype = params["model"], params["device"], params["dtype"]
     check_device(device)
     dt = parse_dtype(check_dtype(dtype, device))
     check_compile(compile_mode)
     if dt != torch.float32 and device == "cpu":
         print(f"note: {dtype} on CPU is slow and not always supported; float32 is the CPU default", file=sys.stderr)
     try:
-        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=fp8, controlnet=controlnets)
-    except InputError as e:  # a ControlNet that does not fit the model
+        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=bool(params.get("fp8")),
+                                                  controlnet=params.get("controlnet"), vae=params.get("vae"),
+                                                  lora=parse_loras(params.get("lora")))
+        if params.get("scheduler") or params.get("timestep_spacing"):
+            pipe.set_scheduler(params.get("scheduler") or sampler_key(pipe.scheduler), params.get("timestep_spacing"))
+    except InputError as e:  # a ControlNet, VAE or LoRA that does not fit the model
         raise CLIError(_as_flag(str(e))) from None
     except (WeightsError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0]
@@ -177,6 +182,30 @@ def model_fingerprint(pipe, model: str, component: str = "unet") -> str:
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def sampler_key(scheduler) -> str:
+    """The scheduler's --scheduler name (ddim, euler, euler-a)."""
+    from ..schedulers import SAMPLERS
+
+    return {v: k for k, v in SAMPLERS.items()}[type(scheduler).__name__]
+
+
+def parse_loras(specs) -> list | None:
+    """``["a.safetensors:0.8", "b.safetensors"]`` → [(path, scale), …] (scale default 1); checked."""
+    if not specs:
+        return None
+    out = []
+    for spec in specs:
+        path, _, scale = str(spec).rpartition(":") if ":" in str(spec) else (spec, "", "1")
+        try:
+            value = float(scale)
+        except ValueError:
+            path, value = str(spec), 1.0  # a ':' inside the path (Windows drive), no scale
+        if not path or not Path(path).expanduser().is_file():
+            raise CLIError(f"--lora {spec}: no such file; give FILE or FILE:SCALE (e.g. style.safetensors:0.8)")
+        out.append((path, value))
+    return out
 
 
 def sampler_name(scheduler) -> str:

@@ -18,15 +18,15 @@ from . import ranks
 from ..errors import InputError
 from ..outputs import (RUN_FILE, check_output_folder, load_latents, new_run_folder, read_png_params, save_latents,
                        save_png, write_json)
-from .args import CONTROL_KEYS, PLACEMENT_KEYS, RUN_KEYS
+from .args import CONTROL_KEYS, MODEL_KEYS, PLACEMENT_KEYS, RUN_KEYS
 from .control import control_hashes, control_kwargs, control_maps, net_hashes
 from .common import (CLIError, _as_flag, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
-                     load_pipeline, memory_plan, model_fingerprint, oom_message, peak_memory, report_work,
+                     load_pipeline, memory_plan, model_fingerprint, oom_message, parse_loras, peak_memory, report_work,
                      run_settings, sampler_name, warn_long_prompt)
 
-SETUP_KEYS = ("model", "dtype", "image", "fp8", *CONTROL_KEYS)  # beyond RUN_KEYS, what a resume must not change
+SETUP_KEYS = ("model", "dtype", "image", "fp8", *CONTROL_KEYS, *MODEL_KEYS)  # beyond RUN_KEYS: a resume keeps them
 DERIVED = ("phase", "run_id", "version", "sampler", "model_hash", "image_sha256", "control_sha256",
-           "controlnet_hash")  # recomputed by each run
+           "controlnet_hash", "vae_hash", "lora_hash")  # recomputed by each run
 
 
 class _Stop(Exception):
@@ -37,12 +37,13 @@ class _Stop(Exception):
 def run_id(params: dict) -> str:
     """What makes a run's pixels, hashed: the phase files of a run carry it (resume checks it)."""
     keys = [*RUN_KEYS, "model", "model_hash", "dtype", "image_sha256", *(["fp8"] if params.get("fp8") else []),
-            *([*CONTROL_KEYS, "control_sha256", "controlnet_hash"] if params.get("controlnet") else [])]
+            *([*CONTROL_KEYS, "control_sha256", "controlnet_hash"] if params.get("controlnet") else []),
+            *(k for k in (*MODEL_KEYS, "vae_hash", "lora_hash") if params.get(k))]  # (only when set: older ids stay)
     return hashlib.sha256(json.dumps({k: params.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _given(args) -> dict:
-    keys = (*RUN_KEYS, *PLACEMENT_KEYS, *CONTROL_KEYS, "model", "device", "dtype", "force", "fp8")
+    keys = (*RUN_KEYS, *PLACEMENT_KEYS, *CONTROL_KEYS, *MODEL_KEYS, "model", "device", "dtype", "force", "fp8")
     return {k: v for k, v in vars(args).items() if v is not None and k in keys}
 
 
@@ -193,8 +194,7 @@ def cmd_generate(args) -> int:
         print("dry run: settings and output folder are valid; no weights loaded, nothing written")
         return 0
     t0 = time.perf_counter()
-    pipe = load_pipeline(params["model"], params["device"], params["dtype"], args.compile, bool(params.get("fp8")),
-                         params.get("controlnet"))
+    pipe = load_pipeline(params, args.compile)
     out = out if resuming or not writer else _prepare_folder(out, args, params)
     fp = model_fingerprint(pipe, params["model"])
     if resuming and params.get("model_hash") not in (None, fp):
@@ -205,6 +205,9 @@ def cmd_generate(args) -> int:
               "the pictures will not match", file=sys.stderr)
     params.update(model_hash=fp, sampler=sampler_name(pipe.scheduler), version=__version__)
     params["controlnet_hash"] = net_hashes(pipe, params)
+    params["vae_hash"] = model_fingerprint(pipe.vae, params["vae"], "vae") if params.get("vae") else None
+    params["lora_hash"] = [model_fingerprint(None, f) for f, _ in parse_loras(params.get("lora"))] \
+        if params.get("lora") else None
     params["run_id"] = run_id(params) if not resuming else params["run_id"]
     done = finished_phases(out, params, settings) if resuming else []
     if not resuming and writer:

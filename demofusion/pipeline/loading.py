@@ -46,6 +46,62 @@ def load_components(path_or_preset, device="cpu", dtype=torch.float32, kind: str
     return unet, vae, text, as_scheduler(scheduler), str(path)
 
 
+def pretrained(cls, path_or_preset, device, dtype, kind, scheduler, variant, vae_dtype, seed, allow_pickle,
+               tokenizer_path, max_memory, offload, fp8, controlnet, vae, lora):
+    """``cls.from_pretrained``: the components loaded (into CPU memory when a budget, an offload
+    policy or fp8 will place them), the VAE swapped, fp8 applied, the ControlNets loaded."""
+    from ..devices import default_dtype, resolve_device
+    from ..memory.plan import parse_budget
+    from ..schedulers import SAMPLERS, by_name
+    from .settings import _check_offload
+
+    device = resolve_device(device)
+    dtype = default_dtype(device) if dtype is None else dtype
+    max_memory, offload = parse_budget(max_memory), _check_offload(offload)
+    at_home = max_memory is not None or offload not in (None, "none") or fp8
+    sampler = scheduler if isinstance(scheduler, str) and scheduler in SAMPLERS else None
+    unet, old_vae, text, sched, name = load_components(path_or_preset, "cpu" if at_home else device, dtype, kind,
+                                                       None if sampler else scheduler, variant, vae_dtype, seed,
+                                                       allow_pickle, tokenizer_path)
+    sched = by_name(sampler, sched.config) if sampler else sched  # another sampler on the model's own schedule
+    if vae is not None:
+        old_vae = swap_vae(vae, unet, vae_dtype or dtype, allow_pickle)
+    pipe = cls(unet, old_vae, text, sched, name=name + (" (fp8)" if fp8 else ""), device=device,
+               controlnet=load_controlnets(controlnet, unet, dtype, seed) or None)
+    for path, scale in lora or []:  # fused into the weights, before any fp8 storage
+        pipe.load_lora(path, scale)
+    if fp8:
+        from ..fp8 import to_fp8_
+
+        to_fp8_(unet)
+    pipe.max_memory, pipe.offload = max_memory, offload
+    return pipe
+
+
+def load_controlnets(controlnet, unet, dtype, seed: int = 0) -> list:
+    """Paths, modules or ``"tiny"`` (random, fitting ``unet``) → ControlNets beside the UNet, in ``dtype``."""
+    from ..controlnet import load_controlnet
+    from ..presets import tiny_controlnet
+
+    items = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] if controlnet is not None else []
+    return [n if isinstance(n, torch.nn.Module) else
+            tiny_controlnet(unet.config, seed + k + 1, unet.device, dtype) if str(n) == "tiny" else
+            load_controlnet(n, dtype=dtype, device=unet.device) for k, n in enumerate(items)]
+
+
+def swap_vae(path, unet, dtype, allow_pickle: bool = False):
+    """Another VAE (a diffusers VAE folder, one safetensors file in diffusers or LDM names), where the
+    UNet is; its latent channels must fit the UNet's."""
+    from ..errors import InputError
+    from ..vae import load_vae
+
+    vae = load_vae(path, dtype=dtype, device=unet.device, allow_pickle=allow_pickle)
+    if vae.config.latent_channels != unet.config.in_channels:
+        raise InputError(f"vae {path}: its latents have {vae.config.latent_channels} channels, the UNet takes "
+                         f"{unet.config.in_channels}; use an SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    return vae
+
+
 def save_components(pipe, folder) -> Path:
     """Write the diffusers folder layout (safetensors + config.json per component, tokenizers,
     scheduler config, model_index.json) — loadable by ``from_pretrained`` and by diffusers."""

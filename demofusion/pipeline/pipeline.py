@@ -88,14 +88,18 @@ class DemoFusionPipeline:
     def from_pretrained(cls, path_or_preset, device="auto", dtype=None, kind: str | None = None,
                         scheduler=None, variant: str | None = None, vae_dtype=None, seed: int = 0,
                         allow_pickle: bool = False, tokenizer_path=None, max_memory=None, offload: str | None = None,
-                        fp8: bool = False, controlnet=None):
+                        fp8: bool = False, controlnet=None, vae=None, lora=None):
         """From a diffusers model folder, a single-file checkpoint, or the preset ``"tiny"``.
 
         ``device="auto"``: CUDA, then MPS, else the CPU; ``dtype=None``: fp16 on CUDA/MPS, fp32 on the CPU.
 
         ``kind``: ``"sdxl-base"`` / ``"sdxl-turbo"`` for single files (their tensors cannot tell;
         default base, or turbo when the file name says so). ``scheduler``: a scheduler, a config
-        dict/file, or None (the folder's ``scheduler/scheduler_config.json``, else the kind's).
+        dict/file, a sampler name ("ddim", "euler", "euler-a": the model's schedule, another sampler;
+        see :meth:`set_scheduler`) or None (the folder's ``scheduler/scheduler_config.json``, else
+        the kind's). ``vae``: another VAE (a diffusers VAE folder or one safetensors file, diffusers
+        or LDM names), e.g. madebyollin/sdxl-vae-fp16-fix. ``lora``: LoRA files to fuse, as
+        ``[(path, scale), …]`` (before fp8; see :meth:`load_lora`).
         ``vae_dtype``: defaults to ``dtype`` (fp16 VAE overflow is upcast automatically).
         ``tokenizer_path``: a folder with ``tokenizer/`` and ``tokenizer_2/`` (single files carry
         none; default: the folder itself, else the CLIP vocabulary open_clip_torch ships).
@@ -105,30 +109,19 @@ class DemoFusionPipeline:
         bytes; docs/fp8.md for the error it costs). ``controlnet``: a ControlNet folder or file, a
         loaded module, ``"tiny"`` (random, fits the tiny preset), or a list of those, loaded in ``dtype``.
         """
-        from ..controlnet import load_controlnet
-        from ..presets import tiny_controlnet
-        from ..devices import default_dtype, resolve_device
-        from .settings import _check_offload
-        from ..memory.plan import parse_budget
+        args = {k: v for k, v in locals().items() if k != "cls"}
+        from .loading import pretrained
 
-        device = resolve_device(device)
-        dtype = default_dtype(device) if dtype is None else dtype
-        max_memory, offload = parse_budget(max_memory), _check_offload(offload)
-        at_home = max_memory is not None or offload not in (None, "none") or fp8
-        *parts, name = load_components(path_or_preset, "cpu" if at_home else device, dtype, kind, scheduler, variant,
-                                       vae_dtype, seed, allow_pickle, tokenizer_path)
-        if fp8:
-            from ..fp8 import to_fp8_
+        return pretrained(cls, **args)
 
-            to_fp8_(parts[0])
-        nets = [n if isinstance(n, torch.nn.Module) else tiny_controlnet(parts[0].config, seed + k + 1, parts[0].device,
-                                                                           dtype) if str(n) == "tiny"
-                else load_controlnet(n, dtype=dtype, device=parts[0].device)
-                for k, n in enumerate(controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] if controlnet
-                                      else [])]
-        pipe = cls(*parts, name=name + (" (fp8)" if fp8 else ""), device=device, controlnet=nets or None)
-        pipe.max_memory, pipe.offload = max_memory, offload
-        return pipe
+    def set_scheduler(self, name: str, timestep_spacing: str | None = None):
+        """Sample with ``name`` ("ddim", "euler", "euler-a") on the model's own training schedule
+        (betas, prediction type, and its timestep spacing unless ``timestep_spacing`` is given:
+        "leading", "trailing" or "linspace"); returns self."""
+        from ..schedulers import by_name
+
+        self.scheduler = by_name(name, self.scheduler.config, timestep_spacing)
+        return self
 
     def compile(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None):
         """``torch.compile`` the UNet in place (the only module on the hot path); returns self.

@@ -18,9 +18,25 @@ from .ddim import DDIMScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)}
+SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler"}
+
+
+def by_name(name: str, config, timestep_spacing: str | None = None) -> Scheduler:
+    """The sampler ``name`` ("ddim", "euler", "euler-a") on a model's training schedule ``config``
+    (its betas, prediction type, offset and, unless ``timestep_spacing`` is given, its spacing:
+    SDXL base "leading", Turbo "trailing")."""
+    from ..errors import InputError
+    from .schedule import SPACINGS
+
+    if name not in SAMPLERS:
+        raise InputError(f"scheduler {name!r}: unknown; use one of {', '.join(SAMPLERS)}")
+    if timestep_spacing is not None and timestep_spacing not in SPACINGS:
+        raise InputError(f"timestep_spacing {timestep_spacing!r}: unknown; use one of {', '.join(SPACINGS)}")
+    extra = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    return from_config(dict(config), _class_name=SAMPLERS[name], **extra)
 
 __all__ = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "Scheduler",
-           "SDXL_BASE_CONFIG", "SDXL_TURBO_CONFIG", "SCHEDULERS", "from_config"]
+           "SDXL_BASE_CONFIG", "SDXL_TURBO_CONFIG", "SCHEDULERS", "SAMPLERS", "by_name", "from_config"]
 
 
 def from_config(cfg, **overrides) -> Scheduler:
