@@ -41,14 +41,15 @@ VOCAB = 1000
 BOS, EOS = 512, 513
 
 
-def reference_path() -> Path | None:
-    """The reference file named by $DEMOFUSION_REFERENCE, or None when unset."""
-    p = os.environ.get(ENV)
+def reference_path(env: str = ENV) -> Path | None:
+    """The reference file named by $DEMOFUSION_REFERENCE (or ``env``), or None when unset."""
+    p = os.environ.get(env)
     if not p:
         return None
     p = Path(p).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"${ENV}={p} is not a file; see docs/parity-reference.md to fetch it")
+        raise FileNotFoundError(f"${env}={p} is not a file; see docs/parity-reference.md and docs/controlnet.md "
+                                "to fetch it")
     return p
 
 

@@ -9,7 +9,6 @@ names it (docs/controlnet.md). It is imported and adapted at runtime exactly as 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -21,13 +20,7 @@ ENV = "DEMOFUSION_REFERENCE_CONTROLNET"
 
 
 def reference_path() -> Path | None:
-    p = os.environ.get(ENV)
-    if not p:
-        return None
-    p = Path(p).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"${ENV}={p} is not a file; see docs/controlnet.md to fetch it")
-    return p
+    return R.reference_path(ENV)
 
 
 def tiny_controlnets(unet, n: int = 1) -> list:
