@@ -113,3 +113,19 @@ def test_a_vae_that_does_not_fit_is_one_line(tmp_path, capsys):
     assert main(["generate", *RUN, "--vae", str(tmp_path / "flux_like"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "16 channels" in err, err
+
+
+# ---- long and weighted prompts through the pipeline and the CLI (the encoding: test_prompts.py) ----
+def test_long_and_weighted_prompts_reach_the_unet(tmp_path):
+    pipe = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu")
+    kw = dict(height=256, width=256, num_inference_steps=2, output_type="latent", guidance_scale=5.0)
+    run = lambda p, **k: pipe(p, **kw, **k).latents[-1]
+    long = "a lighthouse on a cliff, " * 20 + "at dawn"  # ~140 tokens: two chunks
+    assert not torch.equal(run(long), run(long, truncate_prompts=True))  # the second chunk counts
+    assert torch.equal(run("a lighthouse"), run("a lighthouse", truncate_prompts=True))  # short, plain: unchanged
+    assert not torch.equal(run("a (lighthouse:1.5)"), run("a lighthouse"))
+    assert torch.equal(run("a (lighthouse:1.5)", truncate_prompts=True),
+                       run("a (lighthouse:1.5)", truncate_prompts=True))
+    out = tmp_path / "t"
+    assert main(["generate", *RUN, "--prompt", long, "--truncate-prompts", "--out", str(out)]) == 0
+    assert _meta(out / "phase_2.png")["truncate_prompts"] is True

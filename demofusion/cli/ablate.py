@@ -94,7 +94,8 @@ def cmd_ablate(args) -> int:
         folder.mkdir(exist_ok=True)
         save = lambda k, image, z, folder=folder, cell=cell: save_png(image, folder / f"phase_{k}.png", {**cell, "phase": k})
         try:
-            res = pipe(**{k: cell[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, on_phase_end=save, **control)
+            res = pipe(**{k: cell[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, on_phase_end=save, **control,
+                       truncate_prompts=bool(cell.get("truncate_prompts")))
         except RuntimeError as e:
             if is_oom(e):
                 raise CLIError(f"cell {name}: {oom_message(e)}") from e

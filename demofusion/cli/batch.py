@@ -80,7 +80,8 @@ def cmd_prompts(args, params: dict, run_id) -> int:
                            "replace it, or another --out")
         try:
             result = pipe(**{k: p[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, force=bool(p.get("force")),
-                          distributed=False, progress=args.progress, **control)
+                          distributed=False, progress=args.progress, **control,
+                          truncate_prompts=bool(p.get("truncate_prompts")))
             save_png(result.images[-1], path, {**p, "phase": len(result.images)})  # atomic: whole or absent
         except KeyboardInterrupt:
             print(f"interrupted; the finished images are in {out} — run the same command again to make the rest",

@@ -97,7 +97,8 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
     kw["stride"] = kw["stride"] if kw["stride"] is not None else base // 16
     try:
         kw |= {k: params.get(k) for k in PLACEMENT_KEYS}
-        s = validate(base, prompt=kw.pop("prompt"), **kw, force=bool(params.get("force")), **extra)
+        s = validate(base, prompt=kw.pop("prompt"), **kw, force=bool(params.get("force")),
+                     truncate_prompts=bool(params.get("truncate_prompts")), **extra)
         if stop_after is not None:
             check_int("--stop-after-phase", stop_after, 1, s.phases)
     except InputError as e:
@@ -215,6 +216,9 @@ def sampler_name(scheduler) -> str:
 
 
 def warn_long_prompt(pipe, params: dict) -> None:
+    """With --truncate-prompts: say what CLIP's 77 tokens cut off (otherwise long prompts are chunked)."""
+    if not params.get("truncate_prompts"):
+        return
     for key in ("prompt", "negative_prompt"):
         text = params.get(key)
         tok = getattr(getattr(pipe, "text", None), "tokenizer", None)

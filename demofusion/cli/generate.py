@@ -228,7 +228,7 @@ def cmd_generate(args) -> int:
             raise _Stop(k)
 
     kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": bool(params.get("force"))}
-    kwargs |= control
+    kwargs |= control | {"truncate_prompts": bool(params.get("truncate_prompts"))}
     try:
         with warnings.catch_warnings():  # said once above, in the CLI's words
             warnings.filterwarnings("ignore", message="prompt is longer")

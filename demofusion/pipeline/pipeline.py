@@ -220,6 +220,7 @@ class DemoFusionPipeline:
         control_guidance_start=0.0,
         control_guidance_end=1.0,
         guess_mode: bool = False,
+        truncate_prompts: bool = False,
     ) -> DemoFusionOutput:
         """Generate ``height × width`` with DemoFusion. See DESIGN.md §2/§3 and docs/pipeline.md.
 
@@ -249,6 +250,8 @@ class DemoFusionPipeline:
         [0, 1] or a PIL image, any size: resized to each phase), ``controlnet_conditioning_scale``,
         ``control_guidance_start/end`` (fractions of the steps) and ``guess_mode``, as diffusers'
         SDXL ControlNet pipeline names them, in every phase (docs/controlnet.md).
+        Prompts: longer than 75 tokens in 75-token chunks, A1111 weights ``(word:1.3)`` as compel
+        computes them (docs/prompts.md); ``truncate_prompts``: cut at 77 tokens, no weights (diffusers).
         """
         args = {k: v for k, v in locals().items() if k not in ("self", "prompt")}
         s = self.validate(prompt, **args)
@@ -300,7 +303,7 @@ class DemoFusionPipeline:
         with self._place("text", s, plan):
             embeds, neg_embeds, pooled, neg_pooled = self.text.encode_with_negative(
                 s.prompt, s.negative_prompt, prompt_2=s.prompt_2, negative_prompt_2=s.negative_prompt_2,
-                guidance=s.cfg)
+                guidance=s.cfg, truncate=s.truncate_prompts)
         on = lambda x: None if x is None else x.to(dev, dt)
         # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dt, device=dev)

@@ -25,7 +25,7 @@ from . import mechanisms as M
 OUTPUT_TYPES = ("pil", "pt", "latent")
 MAX_SIDE = 16384  # px; larger targets are refused unless force=True
 SWITCHES = ("multi_decoder", "view_jitter", "reference_compat", "skip_residual", "local_paths", "dilated_sampling",
-            "dilated_blur", "renormalise", "offload_text_encoders", "progress", "force", "distributed")
+            "dilated_blur", "renormalise", "offload_text_encoders", "progress", "force", "distributed", "truncate_prompts")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Settings:
     force: bool = False
     distributed: bool = True  # inside a process group of > 1 rank: share the views (demofusion.parallel)
     control: object = None  # the ControlNets' images, scales and windows (controlnet.guide.Control) or None
+    truncate_prompts: bool = False  # cut at 77 tokens, no weights (diffusers); else chunks and A1111 weights
 
     @property
     def batch(self) -> int:

@@ -25,6 +25,7 @@ from demofusion.weights import (
     resolve_component,
 )
 
+from . import prompts
 from .clip import CLIPTextConfig, CLIPTextModel
 from .convert import from_open_clip, from_transformers, infer_config, is_open_clip_layout
 from .tokenizer import EOT, CLIPTokenizer
@@ -210,12 +211,22 @@ class TextEncoders:
 
     # ---- encoding -----------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompt: Prompt, prompt_2: Prompt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prompt_embeds[B, 77, D1+D2], pooled[B, P])``; ``prompt_2`` (encoder 2) defaults to ``prompt``."""
+    def encode(
+        self, prompt: Prompt, prompt_2: Prompt | None = None, truncate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds[B, 77, D1+D2], pooled[B, P])``; ``prompt_2`` (encoder 2) defaults to ``prompt``.
+
+        ``truncate=False``: A1111 weights and any length, ``[B, 77·n, D1+D2]`` (docs/prompts.md);
+        plain prompts of at most 75 tokens still take the 77-token path (identical tensors).
+        """
         p1 = _as_list(prompt, "prompt")
         p2 = _as_list(prompt_2, "prompt_2") if prompt_2 else p1
         if len(p2) != len(p1):
             raise ValueError(f"prompt has {len(p1)} entries but prompt_2 has {len(p2)}; give as many of each")
+        # ---- long / weighted prompts (truncate=False): demofusion/text/prompts.py ----
+        if not truncate and prompts.needs_long_path(self, p1, p2):
+            return prompts.encode_long(self, p1, p2)
+        # ---- end long / weighted prompts ----
         states = []
         for tok, enc, texts in ((self.tokenizer, self.text_encoder, p1), (self.tokenizer_2, self.text_encoder_2, p2)):
             out = enc(tok(texts).to(enc.device))
@@ -231,13 +242,16 @@ class TextEncoders:
         prompt_2: Prompt | None = None,
         negative_prompt_2: Prompt | None = None,
         guidance: bool = True,
+        truncate: bool = True,
     ):
         """``(embeds, negative_embeds, pooled, negative_pooled)`` as diffusers' SDXL ``encode_prompt``.
 
         Without guidance the negatives are None. With guidance and no ``negative_prompt``,
         they are zeros when ``force_zeros_for_empty_prompt``, else the encoding of ``""``.
+        ``truncate=False``: see :meth:`encode`; positives and negatives are padded to the same
+        number of chunks with encodings of the empty prompt.
         """
-        embeds, pooled = self.encode(prompt, prompt_2)
+        embeds, pooled = self.encode(prompt, prompt_2, truncate=truncate)
         if not guidance:
             return embeds, None, pooled, None
         if negative_prompt is None and self.force_zeros_for_empty_prompt:
@@ -248,7 +262,9 @@ class TextEncoders:
         neg, neg_2 = ([n] * b if isinstance(n, str) else list(n) for n in (neg, neg_2))
         if len(neg) != b or len(neg_2) != b:
             raise ValueError(f"negative_prompt has {len(neg)} entries for a batch of {b} prompts")
-        neg_embeds, neg_pooled = self.encode(neg, neg_2)
+        neg_embeds, neg_pooled = self.encode(neg, neg_2, truncate=truncate)
+        if not truncate:  # ---- long prompts: same number of chunks (demofusion/text/prompts.py) ----
+            embeds, neg_embeds = prompts.pad_pair(self, embeds, neg_embeds)
         return embeds, neg_embeds, pooled, neg_pooled
 
     def __repr__(self) -> str:
