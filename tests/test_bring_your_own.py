@@ -129,3 +129,58 @@ def test_long_and_weighted_prompts_reach_the_unet(tmp_path):
     out = tmp_path / "t"
     assert main(["generate", *RUN, "--prompt", long, "--truncate-prompts", "--out", str(out)]) == 0
     assert _meta(out / "phase_2.png")["truncate_prompts"] is True
+
+
+# ---- LoRAs through the pipeline and the CLI (the fusing itself: test_lora.py) ----------------------
+@pytest.fixture(scope="module")
+def tiny_loras(tmp_path_factory):
+    from tests.test_lora import lora_targets, random_factors, write_kohya
+
+    pipe = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu")
+    targets = lora_targets(pipe._lora_targets())
+    d = tmp_path_factory.mktemp("loras")
+    return [write_kohya(d / f"style{k}.safetensors", random_factors(targets, seed=k)) for k in range(2)]
+
+
+def test_pipeline_loras_fuse_stack_and_unload_exactly(tiny_loras):
+    pipe = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu")
+    kw = dict(prompt="a cat", height=256, width=256, num_inference_steps=2, output_type="latent")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    plain = pipe(**kw).latents[-1]
+    a = pipe.load_lora(tiny_loras[0], scale=0.7)
+    one = pipe(**kw).latents[-1]
+    assert (one - plain).abs().max() > 1e-2 * plain.abs().max()
+    b = pipe.load_lora(tiny_loras[1])
+    assert pipe.loras.loaded == {a: 0.7, b: 1.0}
+    pipe.unload_lora(a)
+    only_b = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu", lora=[(tiny_loras[1], 1.0)])
+    assert all(torch.equal(x, y) for x, y in zip(pipe.unet.state_dict().values(), only_b.unet.state_dict().values()))
+    pipe.unload_lora()
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert torch.equal(pipe(**kw).latents[-1], plain)
+
+
+def test_lora_flag_is_recorded_replayed_and_kept_on_resume(tmp_path, tiny_loras, capsys):
+    out, again = tmp_path / "l", tmp_path / "m"
+    spec = f"{tiny_loras[0]}:0.6"
+    assert main(["generate", *RUN, "--lora", spec, "--out", str(out), "--stop-after-phase", "1"]) == 0
+    assert main(["generate", "--resume", str(out), "--lora", f"{tiny_loras[1]}:0.6"]) == 2
+    assert "--lora" in capsys.readouterr().err
+    assert main(["generate", "--resume", str(out), "--no-progress"]) == 0
+    meta = _meta(out / "phase_2.png")
+    assert meta["lora"] == [spec] and len(meta["lora_hash"]) == 1
+    assert main(["generate", "--from-image", str(out / "phase_2.png"), "--no-progress", "--out", str(again)]) == 0
+    assert np.array_equal(_px(out / "phase_2.png"), _px(again / "phase_2.png"))
+    assert main(["generate", *RUN, "--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing.safetensors" in err, err
+
+
+def test_lora_on_fp8_weights_is_refused_and_from_pretrained_fuses_first(tiny_loras):
+    from demofusion.errors import InputError
+
+    pipe = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu", fp8=True, lora=[(tiny_loras[0], 1.0)])
+    assert pipe.loras.loaded  # fused before the fp8 storage
+    with pytest.raises(InputError) as e:
+        pipe.load_lora(tiny_loras[1])
+    assert "\n" not in str(e.value) and "fp8" in str(e.value)

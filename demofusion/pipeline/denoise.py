@@ -16,6 +16,23 @@ from .mechanisms import Views
 from .settings import Settings
 
 
+try:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+except ImportError:  # pragma: no cover - very old torch
+    from contextlib import nullcontext as unset_fake_temporarily
+
+
+def phase_generators(seed: int, phases: int) -> list[torch.Generator]:
+    """One CPU generator per phase, seeded by a 62-bit sub-seed drawn from the root seed.
+
+    The sub-seeds are host bookkeeping (a CPU generator's draw, read once per run): they are
+    drawn for real even under a FakeTensorMode (the GPU-readiness test), where tensors hold no data.
+    """
+    root = torch.Generator().manual_seed(seed)
+    with unset_fake_temporarily():
+        return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (phases,), generator=root)]
+
+
 def steps_of(timesteps, phase: int, phases: int, progress: bool):
     """The timesteps, behind a tqdm bar per phase when ``progress``."""
     if not progress or parallel.rank() != 0:  # one bar, on rank 0

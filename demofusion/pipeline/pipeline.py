@@ -30,16 +30,11 @@ from . import mechanisms as M  # noqa: F401
 from .mechanisms import Mechanisms
 from .decoding import as_output, decode_latents, encode_image, from_pil, to_pil  # noqa: F401 (re-exported)
 from ..controlnet.guide import Guide
-from .denoise import Conditioning, Denoiser, needs_noise, steps_of, upscale_step
+from ..lora import LoraStack
+from .denoise import Conditioning, Denoiser, needs_noise, phase_generators, steps_of, upscale_step  # noqa: F401
 from .guards import FiniteWatch, check_image, likely_cause
 from .loading import load_components, save_components
 from .settings import Settings, validate
-
-try:
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-except ImportError:  # pragma: no cover - very old torch
-    from contextlib import nullcontext as unset_fake_temporarily
-
 
 @dataclass
 class DemoFusionOutput:
@@ -48,17 +43,6 @@ class DemoFusionOutput:
     phase_sizes: list = field(default_factory=list)  # (h, w) px per phase
     timings: list = field(default_factory=list)  # seconds per phase (denoise + decode)
     unet_calls: list = field(default_factory=list)  # UNet forward calls per phase
-
-
-def phase_generators(seed: int, phases: int) -> list[torch.Generator]:
-    """One CPU generator per phase, seeded by a 62-bit sub-seed drawn from the root seed.
-
-    The sub-seeds are host bookkeeping (a CPU generator's draw, read once per run): they are
-    drawn for real even under a FakeTensorMode (the GPU-readiness test), where tensors hold no data.
-    """
-    root = torch.Generator().manual_seed(seed)
-    with unset_fake_temporarily():
-        return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (phases,), generator=root)]
 
 
 class DemoFusionPipeline:
@@ -77,6 +61,7 @@ class DemoFusionPipeline:
         for k, net in enumerate(nets):
             check_fits(net, unet, "controlnet" if len(nets) == 1 else f"controlnet[{k}]")
         self.controlnets = list(nets)
+        self.loras = LoraStack()  # LoRAs fused into the UNet and text encoders (load_lora)
         self.mechanisms = mechanisms or Mechanisms()
         self.name = name
         self.placement = Placement(unet.device if device is None else resolve_device(device),
@@ -113,6 +98,19 @@ class DemoFusionPipeline:
         from .loading import pretrained
 
         return pretrained(cls, **args)
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Fuse a LoRA (kohya/A1111 or diffusers/PEFT ``.safetensors``) into the UNet and both text
+        encoders at ``scale`` (no per-step cost); several stack. Returns its name (docs/lora.md)."""
+        return self.loras.load(self._lora_targets(), path, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take LoRA ``name`` out (None: all): the other LoRAs stay, the original weights come back
+        bit for bit."""
+        self.loras.unload(self._lora_targets(), name)
+
+    def _lora_targets(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text.text_encoder, "text_encoder_2": self.text.text_encoder_2}
 
     def set_scheduler(self, name: str, timestep_spacing: str | None = None):
         """Sample with ``name`` ("ddim", "euler", "euler-a") on the model's own training schedule
