@@ -139,12 +139,16 @@ def test_error_out_of_memory(capsys, tmp_path, monkeypatch):
 
 
 def test_warning_prompt_over_77_tokens(capsys, tmp_path):
-    # the tiny byte-level tokenizer: one token per byte, so 75 bytes fit and the rest is cut
+    # the tiny byte-level tokenizer: one token per byte, so 75 bytes fit and the rest is cut —
+    # with --truncate-prompts; by default the tail is a second chunk, nothing is cut, nothing said
     prompt = "a" * 75 + " and this tail is cut"
-    assert main(["generate", "--model", "tiny", "--prompt", prompt, "--height", "256", "--width", "256",
-                 "--steps", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    run = ["generate", "--model", "tiny", "--prompt", prompt, "--height", "256", "--width", "256", "--steps", "1",
+           "--no-progress"]
+    assert main([*run, "--truncate-prompts", "--out", str(tmp_path / "cut")]) == 0
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: prompt")]
     assert len(lines) == 1 and "'and this tail is cut'" in lines[0] and "77" in lines[0]
+    assert main([*run, "--out", str(tmp_path / "whole")]) == 0
+    assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: prompt")]
 
 
 def test_resume_after_ctrl_c_in_phase_3(full_run, tmp_path, capsys, monkeypatch):

@@ -44,8 +44,23 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    """`demofusion ui`: the browser UI (docs/ui.md); gradio is imported only here."""
+    from ..ui import INSTALL_HINT, have_gradio
+
+    if not have_gradio():
+        raise CLIError(INSTALL_HINT)
+    from ..ui import launch
+
+    try:
+        return launch(model=args.model, host=args.host, port=args.port, controlnet=args.controlnet,
+                      device=args.device, share=args.share, out=args.out)
+    except KeyboardInterrupt:
+        return 0
+
+
 COMMANDS = {"generate": cmd_generate, "upscale": cmd_upscale, "ablate": cmd_ablate, "download": cmd_download,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "ui": cmd_ui}
 
 
 def _line(e: BaseException) -> str:

@@ -198,4 +198,16 @@ def build_parser() -> Parser:
     i = sub.add_parser("inspect", help="describe a checkpoint without loading it (and check it as loading would)")
     i.add_argument("path")
     i.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
+
+    w = sub.add_parser("ui", help="the browser UI with live phase previews (needs pip install -e '.[ui]'; docs/ui.md)")
+    w.add_argument("--model", default="tiny", help="a path, or the preset tiny (default); loaded once at startup")
+    w.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    w.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    w.add_argument("--controlnet", metavar="PATH", help="an SDXL ControlNet ('tiny' fits the tiny model): adds the "
+                   "ControlNet tab")
+    w.add_argument("--device", default="auto", help="auto (default: cuda, then mps, else cpu), cpu, cuda, cuda:N or mps")
+    w.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
+    w.add_argument("--out", default="out/ui", help="where each run's folder goes (default out/ui)")
+    w.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
     return ap

@@ -1,0 +1,228 @@
+"""What the browser UI does before a run, without gradio: the model (loaded once) and the page's
+values → the run's parameters (the CLI's, so the PNG metadata is the one `demofusion generate
+--from-image` replays) and the pipeline's arguments, checked by the pipeline's own validation.
+The run itself: :mod:`demofusion.ui.worker`.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from ..errors import InputError
+from .knobs import in_page_words
+
+MODES = ("txt2img", "img2img", "control")
+
+
+# ---- the model, loaded once ---------------------------------------------------------------------
+@dataclass
+class Model:
+    """The loaded pipeline and how a run records it (the CLI's ``model``, ``device``, ``dtype``…)."""
+
+    pipe: object
+    name: str  # a path, or a preset ("tiny")
+    device: str
+    dtype: str
+    fingerprint: str
+    controlnet: str | None = None  # a path or "tiny" (the app's --controlnet)
+    controlnet_hash: list | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _plain: object = field(default=None, repr=False)
+
+    @property
+    def base(self) -> int:
+        return self.pipe.base_size
+
+    def pipe_for(self, mode: str):
+        """The pipeline of a mode: with its ControlNet for "control", else the same components
+        without it (a shallow copy: nothing is loaded twice; runs take turns through ``lock``)."""
+        if mode == "control" or not self.pipe.controlnets:
+            return self.pipe
+        if self._plain is None:
+            self._plain = copy.copy(self.pipe)
+            self._plain.controlnets = []
+        return self._plain
+
+
+def load_model(model: str = "tiny", device: str = "auto", controlnet: str | None = None) -> Model:
+    """Load as `demofusion generate` does (same checks, same one-line errors)."""
+    from ..cli.common import check_device, check_dtype, defaults, load_pipeline
+
+    params = defaults() | {"model": str(model), "device": check_device(device),
+                           "controlnet": [str(controlnet)] if controlnet else None}
+    params["dtype"] = check_dtype(params["dtype"], params["device"])
+    pipe = load_pipeline(params)
+    return wrap_pipeline(pipe, str(model), controlnet and str(controlnet), params["device"], params["dtype"])
+
+
+def wrap_pipeline(pipe, model: str | None = None, controlnet: str | None = None, device: str | None = None,
+                  dtype: str | None = None) -> Model:
+    """A pipeline loaded elsewhere; ``model`` / ``controlnet``: the names its runs record."""
+    from ..cli.common import model_fingerprint
+    from ..cli.control import net_hashes
+
+    name = str(model or getattr(pipe, "name", "custom"))
+    if pipe.controlnets and controlnet is None:
+        controlnet = "tiny" if name == "tiny" else "custom"
+    nets = {"controlnet": [controlnet] if controlnet else None}
+    return Model(pipe, name, device or str(pipe.device), dtype or str(pipe.unet.dtype).replace("torch.", ""),
+                 model_fingerprint(pipe, name), controlnet, net_hashes(pipe, nets))
+
+
+# ---- the page's values → a checked plan ------------------------------------------------------------
+@dataclass
+class Page:
+    """The values of the page's controls (gradio hands over None for an empty number)."""
+
+    mode: str = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    height: float | None = None
+    width: float | None = None
+    num_inference_steps: float | None = 50
+    guidance_scale: float | None = 7.5
+    seed: float | None = 0
+    view_batch_size: float | None = None
+    stride: float | None = None
+    cosine_scale_1: float | None = 3.0
+    cosine_scale_2: float | None = 1.0
+    cosine_scale_3: float | None = 1.0
+    sigma: float | None = 0.8
+    multi_decoder: bool = True
+    max_memory: str = ""
+    picture: str | None = None  # image to image: the uploaded file
+    scale: float | None = 2.0
+    size_from_picture: bool = True
+    control_from: str = "canny"  # "canny" (edges of control_picture) or "map" (control_map)
+    control_picture: str | None = None
+    control_map: str | None = None
+    canny_low: float = 100
+    canny_high: float = 200
+    control_scale: float | None = 0.5
+    control_start: float | None = 0.0
+    control_end: float | None = 1.0
+    guess_mode: bool = False
+    control_upscale: bool = False  # ControlNet tab: also start from control_picture (image to image)
+
+
+@dataclass
+class Plan:
+    mode: str
+    params: dict  # the CLI's parameters of the run (run.json, PNG metadata)
+    kwargs: dict  # the pipeline call's arguments, prompt included
+    settings: object  # the validated Settings: phase sizes, work
+    inputs: dict = field(default_factory=dict)  # params key → uploaded file, copied into the run folder
+    maps: list = field(default_factory=list)  # the control maps (PIL)
+
+
+def edges(path, low, high):
+    """Canny edges of the picture at ``path`` (the CLI's OpenCV helper), thresholds checked."""
+    from ..cli.control import canny
+    from ..pipeline.settings import check_int
+
+    try:
+        return canny(path, check_int("Canny low", low, 0, 1000), check_int("Canny high", high, 0, 1000))
+    except InputError as e:
+        raise InputError(in_page_words(str(e))) from None
+
+
+def prepare(model: Model, page: Page) -> Plan:
+    """Check a page's values with the pipeline's validation; an ``InputError`` in the page's words."""
+    try:
+        return _prepare(model, page)
+    except InputError as e:
+        raise InputError(in_page_words(str(e).splitlines()[0])) from None
+
+
+def _prepare(model: Model, page: Page) -> Plan:
+    from ..cli.args import PLACEMENT_KEYS, RUN_KEYS
+    from ..cli.common import defaults
+    from ..cli.generate import _image_size
+    from ..images import load_image
+
+    if page.mode not in MODES:
+        raise InputError(f"unknown mode {page.mode!r}; use one of {', '.join(MODES)}")
+    params = defaults() | {
+        "model": model.name, "device": model.device, "dtype": model.dtype, "prompt": page.prompt or "",
+        "negative_prompt": page.negative_prompt or None, "height": page.height, "width": page.width,
+        **{k: getattr(page, k) for k in ("num_inference_steps", "guidance_scale", "seed", "cosine_scale_1",
+                                          "cosine_scale_2", "cosine_scale_3", "sigma")},
+        # empty (gradio 5 sends 0 for an empty number) → the pipeline's default
+        "view_batch_size": page.view_batch_size or None, "stride": page.stride or None,
+        "multi_decoder": bool(page.multi_decoder), "max_memory": (page.max_memory or "").strip() or None,
+        "controlnet": [model.controlnet] if page.mode == "control" else None}
+    plan = Plan(page.mode, params, {}, None)
+    image, control = None, {}
+    if page.mode == "img2img" and not page.picture:
+        raise InputError("Image to image needs a Picture: upload the picture to upscale")
+    if page.mode == "control":
+        control = _control(model, page, plan)
+    picture = page.picture if page.mode == "img2img" else \
+        page.control_picture if page.mode == "control" and page.control_upscale else None
+    if picture:
+        image = load_image(picture, "Picture")
+        explicit = page.mode == "control" or not page.size_from_picture
+        size = SimpleNamespace(scale=2.0 if explicit else page.scale, height=page.height if explicit else None,
+                               width=page.width if explicit else None)
+        _image_size(image, size, params)
+        plan.inputs["image"] = picture
+    kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": False} | control
+    s = model.pipe_for(page.mode).validate(kwargs["prompt"], **{k: v for k, v in kwargs.items() if k != "prompt"})
+    norm = {k: getattr(s, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "seed",
+                                       "view_batch_size", "stride", "cosine_scale_1", "cosine_scale_2",
+                                       "cosine_scale_3", "sigma", "multi_decoder")}
+    params.update(norm)  # as the pipeline reads them: 512 not 512.0, the default stride filled in
+    if control:
+        params.update(control_scale=[float(page.control_scale)], control_start=[float(page.control_start)],
+                      control_end=[float(page.control_end)], guess_mode=bool(page.guess_mode))
+    plan.kwargs, plan.settings = kwargs | norm, s
+    return plan
+
+
+def _control(model: Model, page: Page, plan: Plan) -> dict:
+    """The ControlNet's map and arguments (recorded as the CLI's --control… flags)."""
+    from ..images import load_image
+
+    if not model.controlnet:
+        raise InputError("this app was started without a ControlNet; restart it with --controlnet PATH (or tiny)")
+    if page.control_from == "canny":
+        if not page.control_picture:
+            raise InputError("ControlNet needs a picture for its Canny edges: upload one (or use a ready control map)")
+        plan.maps.append(edges(page.control_picture, page.canny_low, page.canny_high))
+        plan.params.update(control="canny", control_source=page.control_picture, canny_low=int(page.canny_low),
+                           canny_high=int(page.canny_high))
+        plan.inputs["control_source"] = page.control_picture
+    else:
+        if page.control_upscale:
+            raise InputError("starting from the picture needs Canny edges of a picture, not a ready control map")
+        if not page.control_map:
+            raise InputError("ControlNet needs a Control map: upload one (or use Canny edges of a picture)")
+        plan.maps.append(load_image(page.control_map, "Control map"))
+        plan.params["control_image"] = [page.control_map]
+        plan.inputs["control_image"] = page.control_map
+    return {"control_image": plan.maps[0], "controlnet_conditioning_scale": page.control_scale,
+            "control_guidance_start": page.control_start, "control_guidance_end": page.control_end,
+            "guess_mode": bool(page.guess_mode)}
+
+
+def target_size(picture, scale, size_from_picture: bool, height, width) -> str:
+    """One line for the image-to-image tab: the picture's size and the target's."""
+    from ..images import load_image
+
+    if not picture:
+        return "Upload a picture to upscale."
+    try:
+        im = load_image(picture, "Picture")
+        if not size_from_picture:
+            return f"Picture {im.width}×{im.height} px → Width × Height {width}×{height} px."
+        from ..cli.generate import _image_size
+
+        p = {"height": None, "width": None}
+        _image_size(im, SimpleNamespace(scale=scale if scale is not None else 2.0, height=None, width=None), p)
+        times = scale if scale is not None else 2
+        return f"Picture {im.width}×{im.height} px × {times} → {p['width']}×{p['height']} px."
+    except InputError as e:
+        return in_page_words(str(e))

@@ -1,0 +1,308 @@
+"""The browser UI (`demofusion ui`, docs/ui.md).
+
+Without gradio: the CLI says how to install it, and nothing else imports gradio. The UI's runner
+(no browser): the page's values are checked by the pipeline's validation, runs write the CLI's
+metadata (`generate --from-image` reproduces them pixel for pixel), Stop keeps the finished
+phases (`generate --resume` finishes them). In a real browser (Playwright driving Debian's
+chromium; skipped when gradio, playwright or chromium is missing): live phase previews, the final
+size, the downloaded PNG's metadata, an error message instead of a traceback, Stop, and a second run.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from demofusion.cli import main
+from demofusion.errors import InputError
+from demofusion.outputs import read_png_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = ROOT / "docs" / "images" / "ui.png"
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# ---- without gradio ---------------------------------------------------------------------------------
+def test_ui_without_gradio_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails as if it were not installed
+    assert main(["ui", "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install -e '.[ui]'" in err and len(err.splitlines()) == 1
+
+
+def test_package_and_cli_never_import_gradio():
+    code = ("import sys, demofusion, demofusion.cli, demofusion.ui, demofusion.ui.runner, demofusion.ui.worker, "
+            "demofusion.ui.knobs; "
+            "from demofusion.cli import build_parser; a = build_parser().parse_args(['ui', '--port', '7999']); "
+            "assert (a.model, a.host, a.port, a.share) == ('tiny', '127.0.0.1', 7999, False); "
+            "assert 'gradio' not in sys.modules, 'gradio imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---- the runner: checks, metadata, Stop (no browser) -----------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    from demofusion.ui.runner import load_model
+
+    return load_model("tiny", "cpu", controlnet="tiny")
+
+
+def run_page(model, out, stop_after_phase=None, **values):
+    from demofusion.ui.runner import Page, prepare
+    from demofusion.ui.worker import Run
+
+    run = Run(model, prepare(model, Page(**values)), out)
+    run.start()
+    for snap in run.watch(interval=0.05):
+        if stop_after_phase and any(k >= stop_after_phase for k, *_ in snap.new_phases):
+            run.stop()
+        last = snap
+    run.join()
+    return run, last
+
+
+def test_runner_errors_are_one_line_in_the_page_words(model):
+    from demofusion.ui.runner import Page, prepare
+
+    with pytest.raises(InputError, match=r"^Width 500 is not a multiple of 8; use e.g. Width 496 or 504$"):
+        prepare(model, Page(prompt="x", height=512, width=500))
+    with pytest.raises(InputError, match=r"^Steps must be"):
+        prepare(model, Page(prompt="x", height=512, width=512, num_inference_steps=0))
+    with pytest.raises(InputError, match="Memory budget|max_memory"):
+        prepare(model, Page(prompt="x", height=512, width=512, max_memory="lots"))
+    with pytest.raises(InputError, match="needs a Picture"):
+        prepare(model, Page(mode="img2img", prompt="x", height=512, width=512))
+    with pytest.raises(InputError, match="Canny edges"):
+        prepare(model, Page(mode="control", prompt="x", height=512, width=512))
+
+
+def test_runner_writes_the_cli_metadata_and_from_image_reproduces_it(model, tmp_path):
+    run, end = run_page(model, tmp_path / "ui", prompt="a lighthouse", negative_prompt="", height=256, width=384,
+                        num_inference_steps=2, seed=5, view_batch_size=None, stride=16.0, max_memory="")
+    assert end.end == "done" and [k for k, *_ in run.phases] == [1]
+    png = run.folder / "phase_1.png"
+    params = read_png_params(png)
+    assert (params["prompt"], params["height"], params["width"], params["num_inference_steps"], params["seed"]) == \
+        ("a lighthouse", 256, 384, 2, 5)
+    assert params["controlnet"] is None and params["model"] == "tiny" and params["run_id"]
+    assert main(["generate", "--from-image", str(png), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "again" / "phase_1.png"), pixels(png))
+
+
+def test_runner_img2img_and_controlnet_replay(model, tmp_path):
+    rng = np.random.default_rng(0)
+    picture = tmp_path / "picture.png"
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(picture)
+    run, end = run_page(model, tmp_path / "ui", mode="img2img", prompt="x", picture=str(picture), scale=3,
+                        num_inference_steps=1)
+    assert end.end == "done"
+    params = read_png_params(run.phases[-1][1])
+    assert (params["height"], params["width"]) == (288, 384) and Path(params["image"]).parent == run.folder
+    assert main(["generate", "--from-image", str(run.phases[-1][1]), "--out", str(tmp_path / "i2i"),
+                 "--no-progress"]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "i2i" / "phase_1.png"), pixels(run.phases[-1][1]))
+
+    run, end = run_page(model, tmp_path / "ui", mode="control", prompt="x", height=256, width=256,
+                        num_inference_steps=1, control_picture=str(picture), canny_low=50, canny_high=150)
+    assert end.end == "done"
+    params = read_png_params(run.phases[-1][1])
+    assert params["controlnet"] == ["tiny"] and params["control"] == "canny" and params["control_scale"] == [0.5]
+    assert (params["canny_low"], params["canny_high"]) == (50, 150) and params["controlnet_hash"]
+    assert main(["generate", "--from-image", str(run.phases[-1][1]), "--out", str(tmp_path / "cn"),
+                 "--no-progress"]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cn" / "phase_1.png"), pixels(run.phases[-1][1]))
+
+
+def test_runner_stop_keeps_finished_phases_and_resume_finishes(model, tmp_path):
+    run, end = run_page(model, tmp_path / "ui", stop_after_phase=1, prompt="x", height=512, width=512,
+                        num_inference_steps=2, guidance_scale=1.0)
+    assert end.end == "stopped" and [k for k, *_ in run.phases] == [1]
+    assert (run.folder / "phase_1.png").is_file() and not (run.folder / "phase_2.png").exists()
+    assert main(["generate", "--resume", str(run.folder), "--no-progress"]) == 0
+    assert Image.open(run.folder / "phase_2.png").size == (512, 512)
+
+
+# ---- in a real browser ------------------------------------------------------------------------------
+def _browser_missing() -> str | None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        return "gradio is not installed (pip install -e '.[ui]')"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    why = _browser_missing()
+    if why:
+        pytest.skip(why)
+    cwd, port = tmp_path_factory.mktemp("ui-server"), _free_port()
+    log = open(cwd / "server.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "demofusion", "ui", "--model", "tiny", "--port", str(port)],
+                            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"`demofusion ui` exited ({proc.returncode}): {(cwd / 'server.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"`demofusion ui` did not listen in 180 s: {(cwd / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/", cwd
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True)
+        pg = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        pg.set_default_timeout(60_000)
+        pg.goto(server[0])
+        pg.wait_for_selector("#df-generate")
+        yield pg
+        browser.close()
+
+
+def _set(pg, prompt=None, **numbers):
+    if prompt is not None:
+        pg.fill("#df-prompt textarea", prompt)
+    for name, value in numbers.items():
+        box = pg.locator(f"#df-{name} input")
+        box.fill(str(value))
+        box.press("Tab")  # gradio takes a number's value on blur
+
+
+def _wait_text(pg, selector, *words, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = pg.locator(selector).inner_text()
+        if any(w in text for w in words):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{selector} never said {words}: {pg.locator(selector).inner_text()!r}")
+
+
+WATCH = """() => { window.dfLog = []; let last = '';
+  window.dfTimer = setInterval(() => {
+    const phases = [...document.querySelectorAll('#df-phases img')].length;
+    const captions = document.querySelector('#df-phases').innerText.match(/Phase \\d+/g) || [];
+    const final = !!document.querySelector('#df-final img');
+    const key = phases + '|' + captions.join(',') + '|' + final;
+    if (key !== last) { window.dfLog.push({phases, captions, final, t: performance.now()}); last = key; }
+  }, 20); }"""
+
+
+def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_path):
+    t0 = time.time()
+    pg = page
+    pg.evaluate(WATCH)
+    _set(pg, "a lighthouse at dawn", height=512, width=768, num_inference_steps=2)
+    pg.click("#df-generate")
+    _wait_text(pg, "#df-progress", "Done", "Failed")
+    log = pg.evaluate("() => { clearInterval(window.dfTimer); return window.dfLog; }")
+    msg = pg.locator("#df-message").inner_text()
+    assert "Done" in msg, msg
+    # the phases appeared one after another, phase 1 long before the final image
+    firsts = {}
+    for entry in log:
+        for n in range(1, entry["phases"] + 1):
+            firsts.setdefault(n, entry)
+    assert set(firsts) == {1, 2, 3}, log
+    assert firsts[1]["t"] < firsts[2]["t"] < firsts[3]["t"], log
+    assert firsts[1]["captions"][:1] == ["Phase 1"] and not firsts[1]["final"], log
+    assert [e for e in log if e["final"]] and min(e["t"] for e in log if e["final"]) > firsts[1]["t"], log
+    size = pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
+                       "return [i.naturalWidth, i.naturalHeight]; }")
+    assert size == [768, 512]
+    # the download is the PNG with the CLI's metadata
+    with pg.expect_download() as dl:
+        pg.click("#df-download")
+    png = tmp_path / "download.png"
+    dl.value.save_as(png)
+    params = read_png_params(png)
+    assert (params["prompt"], params["height"], params["width"], params["num_inference_steps"], params["phase"]) == \
+        ("a lighthouse at dawn", 512, 768, 2, 3)
+    assert Image.open(png).size == (768, 512)
+    assert pg.locator("#df-history img").count() >= 1
+    _screenshot(pg, tmp_path)
+
+    # an invalid size: a message in the page, no traceback
+    _set(pg, width=500)
+    pg.click("#df-generate")
+    text = _wait_text(pg, "#df-message", "Error", timeout=30)
+    assert "Width 500 is not a multiple of 8" in text, text
+    body = pg.locator("body").inner_text()
+    assert "Traceback" not in body and 'File "' not in body
+    print(f"browser: generate + download + error in {time.time() - t0:.1f} s")
+
+
+def test_ui_stop_keeps_phase_one_then_generates_again(page, server):
+    pg = page
+    _set(pg, "a lighthouse at dawn", height=512, width=768, num_inference_steps=6)
+    pg.click("#df-generate")
+    pg.wait_for_selector("#df-phases img", timeout=120_000)  # phase 1 is shown: stop now
+    pg.click("#df-stop")
+    text = _wait_text(pg, "#df-message", "Stopped", "Done", "Error")
+    assert "Stopped" in text and "--resume" in text, text
+    captions = pg.locator("#df-phases").inner_text()
+    assert "Phase 1" in captions and "Phase 3" not in captions, captions
+    assert pg.locator("#df-phases img").count() in (1, 2)
+    assert pg.locator("#df-final img").count() == 0
+    # a second run afterwards works
+    _set(pg, height=256, width=256, num_inference_steps=2)
+    pg.click("#df-generate")
+    _wait_text(pg, "#df-progress", "Done", "Failed")
+    assert "Done" in pg.locator("#df-message").inner_text()
+    assert pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
+                       "return [i.naturalWidth, i.naturalHeight]; }") == [256, 256]
+
+
+def _screenshot(pg, tmp_path):
+    """The finished page → docs/images/ui.png when missing or DEMOFUSION_UI_SCREENSHOT=1 (else a temp file,
+    so a test run leaves the tree as it was), downscaled to a palette PNG of modest size."""
+    raw = tmp_path / "ui-raw.png"
+    pg.screenshot(path=str(raw), full_page=True)
+    target = SCREENSHOT if (not SCREENSHOT.exists() or os.environ.get("DEMOFUSION_UI_SCREENSHOT") == "1") \
+        else tmp_path / "ui.png"
+    im = Image.open(raw).convert("RGB")
+    im = im.resize((960, round(im.height * 960 / im.width)), Image.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    im.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
+    assert target.stat().st_size < 1_500_000
