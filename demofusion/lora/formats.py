@@ -313,22 +313,12 @@ def _sdxl_sgm_map() -> dict:
 
 
 def sgm_to_ours(path: str) -> str | None:
-    """An SGM module path (``input_blocks.1.0.in_layers.2``) → ours (``down_blocks.0.resnets.0.conv1``)."""
-    from demofusion.unet.convert import RESNET_RENAMES
+    """An SGM module path (``input_blocks.1.0.in_layers.2``) → ours (``down_blocks.0.resnets.0.conv1``),
+    by the single-file converter's own renaming of the module's weight."""
+    from demofusion.unet.convert import _rename
 
-    table, parts = _sdxl_sgm_map(), path.split(".")
-    for n in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:n])
-        if prefix not in table:
-            continue
-        ours, is_resnet = table[prefix]
-        rest = ".".join(parts[n:])
-        if is_resnet:
-            rest = RESNET_RENAMES.get(rest)
-            if rest is None:
-                return None
-        return f"{ours}.{rest}" if rest else ours
-    return None
+    key = _rename(path + ".weight", _sdxl_sgm_map())
+    return None if key is None else key.removesuffix(".weight")
 
 
 # ---------------------------------------------------------------- diffusers / PEFT layout ---
