@@ -251,3 +251,13 @@ def test_a_controlnet_that_does_not_fit_the_unet_is_a_one_line_error(small):
         df.DemoFusionPipeline(base.unet, base.vae, base.text, base.scheduler, controlnet=[tiny_controlnet(
             base.unet.config, 1), wrong])
     _one_line(e, "controlnet[1] does not fit this UNet", "cross_attention_dim")
+
+
+@pytest.mark.parametrize("switch", ["local_paths", "dilated_sampling", "dilated_blur"])
+def test_ablation_switches_keep_working_with_controlnets(small, switch):
+    base, nets = small
+    pipe = df.DemoFusionPipeline(base.unet, base.vae, base.text, base.scheduler, controlnet=nets[0])
+    kw = dict(prompt="a fox", height=256, width=256, num_inference_steps=2, seed=1, stride=8, output_type="latent",
+              control_image=control_images(1, 96, 96)[0])
+    full, off = pipe(**kw).latents[-1], pipe(**kw, **{switch: False}).latents[-1]
+    assert torch.isfinite(off).all() and max_rel_err(off, full) > 1e-3

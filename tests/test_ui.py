@@ -99,6 +99,26 @@ def test_runner_writes_the_cli_metadata_and_from_image_reproduces_it(model, tmp_
     np.testing.assert_array_equal(pixels(tmp_path / "again" / "phase_1.png"), pixels(png))
 
 
+def test_runner_records_the_apps_lora_and_sampler(tmp_path):
+    """`demofusion ui --lora FILE:SCALE --scheduler ddim`: fused once at startup, recorded in every
+    run's metadata, and `--from-image` reproduces the picture with them."""
+    import demofusion as df
+    from demofusion.ui.runner import load_model
+    from tests.test_lora import lora_targets, random_factors, write_kohya
+
+    targets = lora_targets(df.DemoFusionPipeline.from_pretrained("tiny", device="cpu")._lora_targets())
+    lora = write_kohya(tmp_path / "style.safetensors", random_factors(targets, seed=3))
+    m = load_model("tiny", "cpu", setup={"lora": [f"{lora}:0.5"], "scheduler": "ddim"})
+    assert m.pipe.loras.loaded and type(m.pipe.scheduler).__name__ == "DDIMScheduler"
+    run, end = run_page(m, tmp_path / "ui", prompt="a lighthouse", negative_prompt="", height=256, width=256,
+                        num_inference_steps=2, seed=5, view_batch_size=None, stride=16.0, max_memory="")
+    png = run.folder / "phase_1.png"
+    params = read_png_params(png)
+    assert params["lora"] == [f"{lora}:0.5"] and params["scheduler"] == "ddim" and params["lora_hash"]
+    assert main(["generate", "--from-image", str(png), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "again" / "phase_1.png"), pixels(png))
+
+
 def test_runner_img2img_and_controlnet_replay(model, tmp_path):
     rng = np.random.default_rng(0)
     picture = tmp_path / "picture.png"

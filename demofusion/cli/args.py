@@ -209,5 +209,9 @@ def build_parser() -> Parser:
     w.add_argument("--device", default="auto", help="auto (default: cuda, then mps, else cpu), cpu, cuda, cuda:N or mps")
     w.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
     w.add_argument("--out", default="out/ui", help="where each run's folder goes (default out/ui)")
+    w.add_argument("--vae", metavar="PATH", help="another VAE (as generate --vae)")
+    w.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA fused at startup; repeatable")
+    w.add_argument("--scheduler", choices=SAMPLER_NAMES, help="the sampler (as generate --scheduler)")
+    w.add_argument("--timestep-spacing", dest="timestep_spacing", choices=SPACINGS)
     w.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
     return ap

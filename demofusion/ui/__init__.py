@@ -24,11 +24,13 @@ def build_app(pipe_or_model="tiny", **kwargs):
     return build(pipe_or_model, **kwargs)
 
 
-def launch(model="tiny", host="127.0.0.1", port=7860, controlnet=None, device="auto", share=False, out="out/ui"):
+def launch(model="tiny", host="127.0.0.1", port=7860, controlnet=None, device="auto", share=False, out="out/ui",
+           setup: dict | None = None):
     """Load ``model`` once and serve the UI on ``host:port`` until Ctrl-C (see app.launch)."""
     from .app import launch as serve
 
-    return serve(model=model, host=host, port=port, controlnet=controlnet, device=device, share=share, out=out)
+    return serve(model=model, host=host, port=port, controlnet=controlnet, device=device, share=share, out=out,
+                 setup=setup)
 
 
 __all__ = ["build_app", "launch", "have_gradio", "INSTALL_HINT"]

@@ -62,13 +62,13 @@ def _slider(name: str, lo: float, hi: float, step: float, value):
 
 
 def build_app(pipe_or_model="tiny", *, controlnet: str | None = None, device: str = "auto", out="out/ui",
-              model_name: str | None = None) -> gr.Blocks:
+              model_name: str | None = None, setup: dict | None = None) -> gr.Blocks:
     """The page for a model path / preset (loaded here, once) or an already loaded pipeline
     (``model_name`` / ``controlnet``: the names its runs record)."""
     if isinstance(pipe_or_model, runner.Model):
         model = pipe_or_model
     elif isinstance(pipe_or_model, (str, Path)):
-        model = runner.load_model(str(pipe_or_model), device, controlnet)
+        model = runner.load_model(str(pipe_or_model), device, controlnet, setup)
     else:
         model = runner.wrap_pipeline(pipe_or_model, model_name, controlnet)
     sessions, out = worker.Sessions(), Path(out)
@@ -300,10 +300,10 @@ def _check_port(host: str, port: int) -> None:
 
 
 def launch(model="tiny", host="127.0.0.1", port=7860, controlnet=None, device="auto", share=False,
-           out="out/ui") -> int:
+           out="out/ui", setup: dict | None = None) -> int:
     """Load the model once and serve the page until Ctrl-C (``share``: a public gradio.live link)."""
     _check_port(host, port)
-    app = build_app(model, controlnet=controlnet, device=device, out=out)
+    app = build_app(model, controlnet=controlnet, device=device, out=out, setup=setup)
     if host not in LOCAL:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the app and read its "
               "results; use the default 127.0.0.1 to keep it local", file=sys.stderr)

@@ -29,6 +29,7 @@ class Model:
     fingerprint: str
     controlnet: str | None = None  # a path or "tiny" (the app's --controlnet)
     controlnet_hash: list | None = None
+    setup: dict = field(default_factory=dict)  # --vae, --lora, --scheduler … and their hashes, recorded per run
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _plain: object = field(default=None, repr=False)
 
@@ -47,15 +48,24 @@ class Model:
         return self._plain
 
 
-def load_model(model: str = "tiny", device: str = "auto", controlnet: str | None = None) -> Model:
-    """Load as `demofusion generate` does (same checks, same one-line errors)."""
-    from ..cli.common import check_device, check_dtype, defaults, load_pipeline
+def load_model(model: str = "tiny", device: str = "auto", controlnet: str | None = None,
+               setup: dict | None = None) -> Model:
+    """Load as `demofusion generate` does (same checks, same one-line errors). ``setup``: the
+    model options of a run (``vae``, ``lora``, ``scheduler``, ``timestep_spacing``), applied once."""
+    from ..cli.common import check_device, check_dtype, defaults, load_pipeline, model_fingerprint, parse_loras
 
-    params = defaults() | {"model": str(model), "device": check_device(device),
-                           "controlnet": [str(controlnet)] if controlnet else None}
+    setup = {k: v for k, v in (setup or {}).items() if v}
+    params = defaults() | setup | {"model": str(model), "device": check_device(device),
+                                   "controlnet": [str(controlnet)] if controlnet else None}
     params["dtype"] = check_dtype(params["dtype"], params["device"])
     pipe = load_pipeline(params)
-    return wrap_pipeline(pipe, str(model), controlnet and str(controlnet), params["device"], params["dtype"])
+    if setup.get("vae"):
+        setup["vae_hash"] = model_fingerprint(pipe.vae, setup["vae"], "vae")
+    if setup.get("lora"):
+        setup["lora_hash"] = [model_fingerprint(None, f) for f, _ in parse_loras(setup["lora"])]
+    m = wrap_pipeline(pipe, str(model), controlnet and str(controlnet), params["device"], params["dtype"])
+    m.setup = setup
+    return m
 
 
 def wrap_pipeline(pipe, model: str | None = None, controlnet: str | None = None, device: str | None = None,

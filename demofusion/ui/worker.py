@@ -86,6 +86,7 @@ class Run:
         p["control_sha256"] = control_hashes(p)
         p.update(model_hash=m.fingerprint, sampler=sampler_name(m.pipe.scheduler), version=__version__,
                  controlnet_hash=m.controlnet_hash if p.get("controlnet") else None, vae_hash=None, lora_hash=None)
+        p.update(m.setup)  # the app's --vae, --lora, --scheduler … (part of the run id, as in the CLI)
         p["run_id"] = run_id(p)
         write_json(self.folder / RUN_FILE, p)
 
