@@ -45,7 +45,8 @@ def tiny_controlnet(unet_config, seed: int = 1, device="cpu", dtype=torch.float3
     random_init_(emb, seed + 1)
     with torch.no_grad():
         for p in emb.parameters():
-            p.mul_(2.0) if p.ndim >= 2 else None
+            if p.ndim >= 2:
+                p.mul_(2.0)
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

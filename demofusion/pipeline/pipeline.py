@@ -33,7 +33,7 @@ from ..controlnet.guide import Guide
 from ..lora import LoraStack
 from .denoise import Conditioning, Denoiser, needs_noise, phase_generators, steps_of, upscale_step  # noqa: F401
 from .guards import FiniteWatch, check_image, likely_cause
-from .loading import load_components, save_components
+from .loading import save_components
 from .settings import Settings, validate
 
 @dataclass
