@@ -24,18 +24,16 @@ import time
 
 from docsection import write_section
 
-from demofusion.ops import view_starts
+from demofusion.pipeline.algorithm import view_layout
+from demofusion.pipeline.settings import validate
 from demofusion.parallel import blocks
 
 
 
 def phase_views(side: int, base: int = 1024, stride: int = 64) -> list[int]:
-    """Views per step of each phase of a side×side run (phase 1: 1)."""
-    window, out = base // 8, [1]
-    for k in range(2, side // base + 1):
-        n = len(view_starts(k * window, window, stride)) ** 2
-        out.append(n + k * k)
-    return out
+    """Views per step of each phase of a side×side run (phase 1: 1): the algorithm's view layout."""
+    s = validate(base, prompt="x", height=side, width=side, stride=stride, force=True)
+    return [sum(p.count for p in view_layout(s, k)) for k in range(s.phases)]
 
 
 def rank_views(views: int, vbs: int, world: int) -> int:

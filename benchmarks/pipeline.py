@@ -21,26 +21,18 @@ import time
 
 import torch
 
-from demofusion.ops import view_starts
-from demofusion.pipeline import phase_sizes
+from demofusion.pipeline.algorithm import unet_evaluations, view_layout
+from demofusion.pipeline.settings import validate
 
 SDXL_FLOPS_128 = 6.76e12  # one UNet forward, batch 1, 128² latent (DESIGN.md §5)
 SDXL_FLOPS = {128: SDXL_FLOPS_128, 64: 1.59e12, 32: 4.28e11}  # by window (latent side)
 
 
 def evaluations_per_phase(height, width, base=1024, steps=50, stride=64, guidance=True):
-    """Single-sample UNet evaluations in each phase (local windows + s² sub-latents) × CFG × steps."""
-    window, cfg = base // 8, 2 if guidance else 1
-    out = []
-    for k, (h, w) in enumerate(phase_sizes(height, width, base)):
-        h, w = h // 8, w // 8
-        if k == 0:
-            views = 1
-        else:
-            s = k + 1
-            views = len(view_starts(h, min(window, h), stride)) * len(view_starts(w, min(window, w), stride)) + s * s
-        out.append(views * cfg * steps)
-    return out
+    """Single-sample UNet evaluations in each phase (the algorithm's view layout) × CFG × steps."""
+    s = validate(base, prompt="x", height=height, width=width, num_inference_steps=steps, stride=stride,
+                 guidance_scale=7.5 if guidance else 1.0, force=True)
+    return unet_evaluations(s, view_layout)
 
 
 def main(argv=None):

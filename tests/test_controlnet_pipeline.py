@@ -156,22 +156,28 @@ def test_window_images_follow_the_jittered_windows(reference):
     zeros in reference_compat. Checked on an image that is the latent itself, 8× enlarged."""
     import torch.nn.functional as F
 
+    from demofusion.ops import local_views
+    from demofusion.pipeline import DEFAULT, PRIS_CV, PathLayout
     from demofusion.pipeline.mechanisms import multidiffusion_views
 
     z = torch.randn(1, 3, 21, 30, generator=torch.Generator().manual_seed(0))
-    views = multidiffusion_views(z, 16, 8, True, torch.Generator().manual_seed(1))
-    image = z.repeat_interleave(8, -2).repeat_interleave(8, -1)
+    starts = tuple(map(tuple, local_views(21, 30, (16, 16), 8).tolist()))
     J = (16 - 8) // 4
+    views = multidiffusion_views(z, PathLayout("local", len(starts), (16, 16), starts, J), True,
+                                 torch.Generator().manual_seed(1))
+    image = z.repeat_interleave(8, -2).repeat_interleave(8, -1)
     padded = F.pad(z, (J,) * 4, mode="constant" if reference else "replicate")
-    cut = views.pixels(image, reference)
+    cut = views.pixels(image, PRIS_CV if reference else DEFAULT)
     corners = (views.crops // 8).tolist()
     assert len(cut) == len(corners) and len({tuple(c) for c in corners}) > 1
     assert any(min(c) < J for c in corners), "jitter should move a window into the padding"
-    for f, (y, x) in zip(cut, corners):
-        got = f()
+    for got, (y, x) in zip(cut, corners):
+        got = got[None]
         assert got.shape == (1, 3, 128, 128)
         assert torch.equal(got[:, :, ::8, ::8], padded[:, :, y : y + 16, x : x + 16])
         assert torch.equal(got[:, :, 7::8, 7::8], padded[:, :, y : y + 16, x : x + 16])
+    # a slice of the views cuts the same images
+    assert torch.equal(views.pixels(image, DEFAULT, 2, 3), views.pixels(image, DEFAULT)[2:5])
 
 
 def test_without_controlnet_the_pipeline_is_unchanged(small):

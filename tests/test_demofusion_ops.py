@@ -7,7 +7,7 @@ import torch
 
 from demofusion.ops import (dilate, gather_views, gaussian_blur, gaussian_kernel1d, jitter_range, jitter_views,
                             local_views, match_mean_std, pad_to_multiple, scatter_add_views, undilate, view_starts)
-from demofusion.pipeline import (cosine_factor, dilated_views, dilation_blur_std, fuse, multidiffusion_views,
+from demofusion.pipeline import (PathLayout, cosine_factor, dilated_views, dilation_blur_std, fuse, multidiffusion_views,
                                  phase_sizes, renormalise, skip_residual)
 
 
@@ -112,21 +112,26 @@ def test_mean_std_rescaling_and_renormalise():
 
 def test_dilated_views_statistics_ignore_alignment_padding():
     z = torch.randn(1, 4, 10, 9) + 5  # needs 2 rows of padding for s = 3
-    v = dilated_views(z, 3, blur_std=0.5, exact_stats=True)
+    layout = PathLayout("global", 9, (4, 3), dilation=3)
+    v = dilated_views(z, layout, blur_std=0.5)
     zp, (ph, pw) = pad_to_multiple(z, 3)
     from demofusion.pipeline import blur_for_dilation
     blurred = blur_for_dilation(zp, 3, 0.5, (slice(ph, None), slice(pw, None)))
     region = blurred[:, :, ph:, pw:]
     assert region.mean().item() == pytest.approx(z.mean().item(), abs=1e-4)
     assert region.std().item() == pytest.approx(z.std().item(), abs=1e-4)
-    assert torch.equal(v.merge(v.to_step), z)  # merge inverts the split exactly
+    assert torch.equal(v.model_in, dilate(blurred, 3))  # the UNet sees the blurred sub-latents
+    assert torch.equal(v.merge(v.cut(z)), z)  # merge inverts the split exactly
 
 
 def test_multidiffusion_views_merge_is_identity_on_unchanged_views():
     z = torch.randn(1, 4, 24, 40)
-    v = multidiffusion_views(z, 16, 8, jitter=True, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(v.merge(v.to_step), z, atol=1e-6)
-    assert (v.crops % 8 == 0).all() and v.crops.shape[0] == v.to_step.shape[0]
+    starts = tuple(map(tuple, local_views(24, 40, (16, 16), 8).tolist()))
+    layout = PathLayout("local", len(starts), (16, 16), starts, margin=2)
+    v = multidiffusion_views(z, layout, jitter=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(v.model_in, v.cut(z))
+    assert torch.allclose(v.merge(v.model_in), z, atol=1e-6)
+    assert (v.crops % 8 == 0).all() and v.crops.shape[0] == v.model_in.shape[0]
 
 
 def test_phase_sizes_any_aspect_ratio():

@@ -119,9 +119,10 @@ def _as_flag(message: str) -> str:
     return message.replace("force=True", "--force")
 
 
-def report_work(s, device: str, model: str) -> None:
-    """First lines of a run: where it runs and how much work it is (warned above a threshold)."""
-    evals = s.unet_evaluations()
+def report_work(s, device: str, model: str, layout=None) -> None:
+    """First lines of a run: where it runs and how much work it is (warned above a threshold), the
+    views counted on ``layout`` (a pipeline's ``mechanisms.view_layout``; default the algorithm's)."""
+    evals = s.unet_evaluations(layout)
     sizes = " → ".join(f"{w}×{h}" for h, w in s.sizes)
     print(f"{s.phases} phase(s) {sizes}; {sum(evals):,} UNet evaluations of a {s.window}² latent view "
           f"({', '.join(f'{e:,}' for e in evals)})")

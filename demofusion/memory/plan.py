@@ -73,6 +73,7 @@ class Model:
     unit_bytes: int  # the largest unit the UNet streams in (offload "sequential")
     control_configs: tuple = ()  # the ControlNets' configs (they work, and stream, with the UNet)
     control_bytes: int = 0
+    view_layout: object = None  # the pipeline's mechanisms.view_layout (None: the default layout)
 
     @classmethod
     def of(cls, pipe) -> "Model":
@@ -87,7 +88,8 @@ class Model:
                    torch.float32 if upcasts else vae.dtype, tuple(e.config for e in encoders), text.dtype,
                    weight_bytes(pipe.unet), vae_bytes, weight_bytes(*encoders),
                    max(weight_bytes(u) for m in (pipe.unet, *nets) for u in stream_units(m)),
-                   tuple(n.controlnet_config for n in nets), weight_bytes(*nets) if nets else 0)
+                   tuple(n.controlnet_config for n in nets), weight_bytes(*nets) if nets else 0,
+                   getattr(getattr(pipe, "mechanisms", None), "view_layout", None))
 
 
 def preset_model(kind: str = "sdxl-base", dtype=torch.float16, fp8: bool = False, vae_dtype=None) -> Model:
@@ -168,13 +170,13 @@ def unet_stages(m: Model, s, c: Choice) -> list[Stage]:
     s = dataclasses.replace(s, view_batch_size=c.view_batch_size)
     out = []
     for k in range(len(s.resume_latents), s.phases):
-        for paths, views, shape in unet_calls(s, k):
+        for paths, views, shape in unet_calls(s, k, m.view_layout):
             b = views * s.batch * rows
             act = unet_call_peak(m.unet_config, m.unet_dtype, tuple(shape), b, fp8=m.fp8).activation_bytes
             act, images = _with_controlnets(m, s, k, act, tuple(shape), b, rows)
             out.append(Stage(k + 1, "unet", f"{paths}: batch {b} × {shape[0]}×{shape[1]}",
                              _weights(m, c.offload, "unet", s.offload_text_encoders), act,
-                             _latent_bytes(s, k, s.num_inference_steps, "unet") + images, b))
+                             _latent_bytes(s, k, s.num_inference_steps, "unet", m.view_layout) + images, b))
     return out
 
 

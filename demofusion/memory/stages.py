@@ -11,8 +11,8 @@ from .fake import fake_text, fake_unet, fake_vae, text_encode_peak, unet_call_pe
 from .measure import _Enough, fake_input, measure, reserve, track, weight_bytes
 
 # Latent working set of an upscaling step besides the UNet call (fp32, counted, not measured):
-# ~8 latents (z, z_up, ε, ẑ_t, padded/blurred copies, the merged paths) and ~4 copies of every
-# view (to_step, model_in, noise, stepped).
+# ~8 latents (z, z_up, ε_k, ẑ_t, padded/blurred copies, the merged predictions, the noise canvas)
+# and ~4 copies of every view (model_in, its scaled chunk, ε, the gathered predictions).
 LATENT_COPIES, VIEW_COPIES = 8, 4
 
 
@@ -39,32 +39,25 @@ class Stage:
         return self.weights + self.activations + self.latents + self.reserve
 
 
-def view_paths(s, k: int) -> list[tuple[str, int, tuple[int, int]]]:
-    """(paths, views, latent size) of every stack of views phase ``k`` (0-based) denoises, as
-    :class:`~demofusion.pipeline.denoise.Denoiser` stacks them (local and global together when
-    their shapes agree, unless ``reference_compat``)."""
-    from ..ops import view_starts
+def view_paths(s, k: int, layout=None) -> list[tuple[str, int, tuple[int, int], int | None]]:
+    """(paths, views, latent size, views per call or None: view_batch_size) of every stack of views
+    phase ``k`` (0-based) denoises: the phase's view layout (``layout``: a pipeline's
+    ``mechanisms.view_layout``, default :func:`~demofusion.pipeline.algorithm.view_layout`) batched
+    as the run's policy batches it (:meth:`~demofusion.pipeline.reference.Policy.batches`: paths of
+    one shape together, unless ``reference_compat``)."""
+    from ..pipeline.algorithm import view_layout
+    from ..pipeline.reference import policy_for
 
-    h, w = s.sizes[k][0] // 8, s.sizes[k][1] // 8
-    if k < s.first_upscale:
-        return [("whole", 1, (h, w))]
-    paths = []
-    if s.local_paths:
-        win = (min(s.window, h), min(s.window, w))
-        n = len(view_starts(h, win[0], s.stride)) * len(view_starts(w, win[1], s.stride))
-        paths.append(("local", n, win))
-    if s.dilated_sampling:
-        d = k + 1  # phase k+1 dilates by k+1: (k+1)² sub-latents, zero-padded to a multiple
-        paths.append(("global", d * d, (-(-h // d), -(-w // d))))
-    if not s.reference_compat and len({shape for *_, shape in paths}) == 1:
-        paths = [("+".join(p for p, *_ in paths), sum(n for _, n, _ in paths), paths[0][2])]
-    return paths
+    paths = (layout or view_layout)(s, k)
+    groups = policy_for(s.reference_compat).batches(paths, getattr(s, "control", None) is not None)
+    return [("+".join(paths[n].path for n in members), sum(paths[n].count for n in members), paths[members[0]].shape,
+             per) for members, per in groups]
 
 
-def unet_calls(s, k: int) -> list[tuple[str, int, tuple[int, int]]]:
-    """The largest UNet call of each stack: (paths, views ≤ view_batch_size, latent size);
+def unet_calls(s, k: int, layout=None) -> list[tuple[str, int, tuple[int, int]]]:
+    """The largest UNet call of each stack: (paths, views ≤ views per call, latent size);
     the UNet batch is views × prompts × 2 with CFG."""
-    return [(p, min(n, s.view_batch_size), shape) for p, n, shape in view_paths(s, k)]
+    return [(p, min(n, per or s.view_batch_size), shape) for p, n, shape, per in view_paths(s, k, layout)]
 
 
 class _FirstBatch:
@@ -107,7 +100,7 @@ def decode_peak(s, k: int, vae, tile: int | None = None, tile_batch: int = 2) ->
     return max(tr.peak - weight_bytes(vae), post), f"{how}: {n} × {th}×{tw} latents, {str(vae.dtype)[6:]}"
 
 
-def _latent_bytes(s, k: int, steps: int, stage: str) -> int:
+def _latent_bytes(s, k: int, steps: int, stage: str, layout=None) -> int:
     """Latent working set of phase ``k`` besides the module call (fp32; the reference keeps all
     ``steps`` noised copies of the upsampled latent too, in fp16), and what earlier phases left on
     the device: their latents, and their images when ``output_type="pt"``."""
@@ -119,7 +112,7 @@ def _latent_bytes(s, k: int, steps: int, stage: str) -> int:
     noised = steps * latent // 2 if s.reference_compat and k >= s.first_upscale else 0
     if stage == "decode":
         return 2 * latent + noised + kept  # z and z / scaling_factor
-    views = sum(n for _, n, _ in view_paths(s, k)) if k >= s.first_upscale else 0
+    views = sum(n for _, n, _, _ in view_paths(s, k, layout)) if k >= s.first_upscale else 0
     return LATENT_COPIES * latent + VIEW_COPIES * views * s.batch * 4 * s.window**2 * 4 + noised + kept
 
 

@@ -1,8 +1,9 @@
-"""One denoising step of a stack of views: guided UNet calls in batches, then the scheduler step.
+"""The guided UNet on a stack of views: classifier-free guidance, ControlNet residuals, batches of
+``view_batch_size`` views, view parallelism across ranks — predictions only, no sampler step.
 
-:class:`Denoiser` holds what every UNet call of a run shares (the text conditioning, the
-micro-conditioning, the guidance scale, the batch size); :func:`upscale_step` is one step of an
-upscaling phase — local and global paths from the same z, denoised together, fused (DESIGN §3).
+:class:`GuidedUNet` holds what every UNet call of a run shares (the text conditioning, the
+micro-conditioning, the guidance scale, the batch size); the multi-view denoiser
+(:class:`~.algorithm.MultiViewDenoiser`) hands it the views of a step and merges what it returns.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import parallel
-from .mechanisms import Views
-from .settings import Settings
 
 
 try:
@@ -33,16 +32,21 @@ def phase_generators(seed: int, phases: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (phases,), generator=root)]
 
 
-def steps_of(timesteps, phase: int, phases: int, progress: bool):
-    """The timesteps, behind a tqdm bar per phase when ``progress``."""
-    if not progress or parallel.rank() != 0:  # one bar, on rank 0
-        return timesteps
+def steps_of(n: int, phase: int, phases: int, progress: bool):
+    """The step indices 0 … n−1, behind a tqdm bar per phase when ``progress`` (on rank 0)."""
+    if not progress or parallel.rank() != 0:
+        return range(n)
     from tqdm.auto import tqdm
 
-    return tqdm(timesteps, desc=f"phase {phase}/{phases}", unit="step", leave=True)
+    return tqdm(range(n), desc=f"phase {phase}/{phases}", unit="step", leave=True)
 
 
 def needs_noise(scheduler) -> bool:
+    """Whether the sampler's step takes a noise canvas: its ``stochastic`` attribute when it has
+    one, else Euler-ancestral, or DDIM with η > 0."""
+    flag = getattr(scheduler, "stochastic", None)
+    if flag is not None:
+        return bool(flag)
     name = type(scheduler).__name__
     return name == "EulerAncestralDiscreteScheduler" or (name == "DDIMScheduler" and scheduler.config.get("eta", 0) > 0)
 
@@ -59,9 +63,9 @@ class Conditioning:
 
 
 @dataclass
-class Denoiser:
+class GuidedUNet:
     unet: torch.nn.Module
-    scheduler: object
+    scheduler: object  # for the input scaling x/√(σ²+1) only: the multi-view denoiser never steps
     cond: Conditioning
     batch: int
     view_batch_size: int
@@ -75,93 +79,43 @@ class Denoiser:
     def cfg(self) -> bool:
         return self.cond.neg_embeds is not None
 
-    def __call__(self, to_step, model_in, crops, t, i: int, noise, scale_index, control=None, views_per_call=None):
-        """Guided UNet calls on ``model_in`` in chunks of ``view_batch_size`` views (or
-        ``views_per_call``), then one scheduler step per chunk from ``to_step``, at timestep ``t``
-        (for the UNet, on its device), the schedule's ``i``-th (for the scheduler: found by
-        position, so t is never read on the host). ``scale_index(k)``: the σ index used to scale
-        chunk k's input (None: i, the correct one). ``control``: per ControlNet, one function per
-        view giving its control image [B,3,8h,8w]."""
-        B, c, sched = self.batch, self.cond, self.scheduler
-        chunk = (views_per_call or self.view_batch_size) * B
-        starts = list(range(0, to_step.shape[0], chunk))
+    def __call__(self, x: torch.Tensor, crops: torch.Tensor, i: int, chunks: list, control=None) -> torch.Tensor:
+        """ε [N·B,C,h,w] of the views x (unscaled latents, view-major) at the schedule's ``i``-th
+        timestep, chunk by chunk: ``chunks[k] = (first view, views, σ index of its input scaling)``.
+        ``crops`` [N·B,2]: crop coordinates (px); ``control``: a :class:`~.algorithm.ControlCut`
+        (its ``rows(a, n)`` per ControlNet) or None. Chunks are dealt to the ranks of a process group,
+        which all-gather the predictions."""
+        B, c, t = self.batch, self.cond, self.scheduler.timesteps[i]  # t on the device, for the UNet only
 
-        def one(k: int) -> torch.Tensor:  # chunk k: guided UNet call(s), then its scheduler step
-            a = starts[k]
-            x, src = model_in[a : a + chunk], to_step[a : a + chunk]
-            idx = scale_index(k)
-            x = sched.scale_model_input_at(x, i if idx is None else idx)
-            views = x.shape[0] // B
-            images = None if control is None else \
-                [torch.cat([f() for f in per_net[a // B : a // B + views]]).to(self.unet.dtype) for per_net in control]
+        def one(k: int) -> torch.Tensor:  # chunk k: guided UNet call(s)
+            first, views, idx = chunks[k]
+            a, b = first * B, (first + views) * B
+            xs = self.scheduler.scale_model_input_at(x[a:b], idx).to(self.unet.dtype)
+            images = None if control is None else [im.to(self.unet.dtype) for im in control.rows(first, views)]
             emb, pooled = c.embeds.repeat(views, 1, 1), c.pooled.repeat(views, 1)
-            time_ids = c.time_ids.repeat(x.shape[0], 1)
-            time_ids[:, 2:4] = crops[a : a + chunk].to(time_ids)
-            x = x.to(self.unet.dtype)
-            unet = lambda rows, *a: self._unet(src.dtype, *a, i=i, images=images, rows=rows)
+            time_ids = c.time_ids.repeat(b - a, 1)
+            time_ids[:, 2:4] = crops[a:b].to(time_ids)
+            unet = lambda rows, *args: self._unet(x.dtype, *args, i=i, images=images, rows=rows)
             if self.cfg and self.cfg_apart:
-                uncond = unet("uncond", x, t, c.neg_embeds.repeat(views, 1, 1), c.neg_pooled.repeat(views, 1),
+                uncond = unet("uncond", xs, t, c.neg_embeds.repeat(views, 1, 1), c.neg_pooled.repeat(views, 1),
                               time_ids)
-                cond = unet("cond", x, t, emb, pooled, time_ids)
+                cond = unet("cond", xs, t, emb, pooled, time_ids)
             elif self.cfg:
                 emb = torch.stack([c.neg_embeds.repeat(views, 1, 1), emb], 1).flatten(0, 1)
                 pooled = torch.stack([c.neg_pooled.repeat(views, 1), pooled], 1).flatten(0, 1)
-                eps = unet("pairs", x.repeat_interleave(2, 0), t, emb, pooled, time_ids.repeat_interleave(2, 0))
+                eps = unet("pairs", xs.repeat_interleave(2, 0), t, emb, pooled, time_ids.repeat_interleave(2, 0))
                 uncond, cond = eps[0::2], eps[1::2]
             else:
-                eps = unet("cond", x, t, emb, pooled, time_ids)
-            if self.cfg:
-                eps = uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
-            return sched.step_at(eps, i, src, noise=None if noise is None else noise[a : a + chunk])
+                return unet("cond", xs, t, emb, pooled, time_ids)
+            return uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
 
-        rows = [min(chunk, to_step.shape[0] - a) for a in starts]
+        rows = [views * B for _, views, _ in chunks]
         self.calls += len(rows) * (2 if self.cfg and self.cfg_apart else 1)  # as one process makes them
-        return torch.cat(self.runner.map(one, rows, to_step))
+        out = self.runner.map(one, rows, x)
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def _unet(self, dtype, x, t, emb, pooled, time_ids, i: int, images, rows: str):
         """One UNet call (with the ControlNets' residuals, if any); ε in ``dtype`` (the latents',
         float32: guidance combines in it). ``rows``: "pairs", "uncond" or "cond" (Guide.residuals)."""
         extra = {} if self.guide is None else self.guide.residuals(x, t, emb, pooled, time_ids, images, i, rows)
         return self.unet(x, t, emb, pooled, time_ids, **extra).to(dtype)
-
-    def paths(self, paths: list[Views], noise, t, i: int, compat: bool, scale_index, images=None):
-        """Denoise every path's views: all in shared UNet batches when their shapes agree
-        (default), or path after path as the reference batches them (``compat``; with ControlNets
-        its dilated views are one batch, as its ControlNet pipeline). ``images``: each ControlNet's
-        control image at the phase's pixel size (cut per view by ``Views.pixels``)."""
-        noises = [None if noise is None else v.take(noise) for v in paths]
-        controls = [None if images is None else [v.pixels(im, compat) for im in images] for v in paths]
-        if not compat and all(v.to_step.shape[1:] == paths[0].to_step.shape[1:] for v in paths):
-            cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
-            control = None if images is None else [sum((c[n] for c in controls), []) for n in range(len(images))]
-            stepped = self(cat([v.to_step for v in paths]), cat([v.model_in for v in paths]),
-                           cat([v.crops for v in paths]), t, i, None if noise is None else cat(noises), scale_index,
-                           control)
-            return stepped.split([v.to_step.shape[0] for v in paths])
-        out, first_chunk = [], 0
-        for v, nz, control in zip(paths, noises, controls):
-            one_batch = images is not None and v.path == "global"  # the reference's dilated batch
-            n = v.to_step.shape[0] // self.batch if one_batch else self.view_batch_size
-            out.append(self(v.to_step, v.model_in, v.crops, t, i, nz, lambda k, f=first_chunk: scale_index(f + k),
-                            control, n))
-            first_chunk += -(-v.to_step.shape[0] // (n * self.batch))
-        return out
-
-
-def upscale_step(mech, denoise: Denoiser, s: Settings, z, t, i: int, c, scale: int, jitter_g, noise_g, scale_index,
-                 images=None):
-    """Step ``i`` (timestep ``t``) of an upscaling phase at dilation ``scale``: local and global
-    paths from the same z, denoised together, fused by the cosine weight c^α2. ``images``: the
-    phase's control images (one per ControlNet) or None."""
-    paths = []
-    if s.local_paths:
-        paths.append(mech.multidiffusion_views(z, s.window, s.stride, s.view_jitter, jitter_g))
-    if s.dilated_sampling:
-        std = mech.dilation_blur_std(c, s.sigma, s.cosine_scale_3) if s.blur else None
-        paths.append(mech.dilated_views(z, scale, std, exact_stats=not s.reference_compat))
-    noise = torch.randn(z.shape, generator=noise_g).to(z.device) if noise_g is not None else None
-    stepped = denoise.paths(paths, noise, t, i, s.reference_compat, scale_index, images)
-    merged = [v.merge(x) for v, x in zip(paths, stepped)]
-    if len(merged) == 1:
-        return merged[0]
-    return mech.fuse(merged[0], merged[1], c, s.cosine_scale_2)

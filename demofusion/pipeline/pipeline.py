@@ -1,5 +1,5 @@
-"""The DemoFusion pipeline: phase 1 (plain SDXL sampling), then progressive upscaling phases
-with skip residual, local (MultiDiffusion) paths and global (dilated) paths. DESIGN.md §3.
+"""The DemoFusion pipeline: construction, placement, prompt encoding, decoding and the call; the
+algorithm itself (phase loops, the multi-view denoiser) is demofusion/pipeline/algorithm.py.
 
 Randomness (all from ``seed``; documented so runs replay exactly):
   root = torch.Generator().manual_seed(seed); one 62-bit sub-seed per phase is drawn from it
@@ -9,7 +9,7 @@ Randomness (all from ``seed``; documented so runs replay exactly):
     samplers, one noise canvas [B,4,h1,w1];
   * phase k ≥ 2: the upscale noise ε_k [B,4,h_k,w_k] (skipped if ``upscale_noise`` gives it), then
     per step: the view jitter (one ``torch.rand`` [V,2] when ``view_jitter``) and, for stochastic
-    samplers, one noise canvas [B,4,h_k,w_k] sliced per window / sub-latent (overlaps agree).
+    samplers, one noise canvas [B,4,h_k,w_k] for the whole latent's step.
   Phase generators depend only on (seed, k), so a run resumed after phase k draws what the
   uninterrupted run drew.
 """
@@ -26,14 +26,15 @@ import torch
 from ..memory.plan import MemoryPlan, plan_run
 from .. import parallel
 from ..placement import Placement
-from . import mechanisms as M  # noqa: F401
-from .mechanisms import Mechanisms
+from . import algorithm as A
+from .algorithm import Mechanisms, MultiViewDenoiser
 from .decoding import as_output, decode_latents, encode_image, from_pil, to_pil  # noqa: F401 (re-exported)
 from ..controlnet.guide import Guide
 from ..lora import LoraStack
-from .denoise import Conditioning, Denoiser, needs_noise, phase_generators, steps_of, upscale_step  # noqa: F401
+from .denoise import Conditioning, GuidedUNet, needs_noise, phase_generators, steps_of
 from .guards import FiniteWatch, check_image, likely_cause
 from .loading import save_components
+from .reference import policy_for
 from .settings import Settings, validate
 
 @dataclass
@@ -266,7 +267,7 @@ class DemoFusionPipeline:
         return self.placement.stage(stage, plan.offload, s.offload_text_encoders)
 
     def _run(self, s: Settings, plan: MemoryPlan) -> DemoFusionOutput:
-        denoise = self._denoiser(s, plan)
+        model = self._guided_unet(s, plan)
         self.scheduler.set_timesteps(s.num_inference_steps, device=self.device)
         gens = phase_generators(s.seed, s.phases)
         watch = FiniteWatch(likely_cause(self.unet.dtype))
@@ -276,27 +277,28 @@ class DemoFusionPipeline:
         z = self._start(s, plan, gens[0])
         if z is None:
             with self._place("unet", s, plan):
-                z = self._first_phase(s, denoise, gens[0], watch)
+                z = self._phase(s, model, 0, None, gens[0], watch)
         anchor = z.mean(), z.std()  # statistics every later phase is renormalised to
         if s.first_upscale == 1:
-            self._finish(s, plan, out, 0, z, t0, denoise, done=bool(s.resume_latents))
+            self._finish(s, plan, out, 0, z, t0, model, done=bool(s.resume_latents))
         for k in range(s.first_upscale, s.phases):
             if k < len(s.resume_latents):  # finished before: taken as it is
                 z = s.resume_latents[k].to(self.device, torch.float32)
-                self._finish(s, plan, out, k, z, t0, denoise, done=True)
+                self._finish(s, plan, out, k, z, t0, model, done=True)
                 continue
             t0 = time.perf_counter()
             with self._place("unet", s, plan):
-                z = self._upscale_phase(s, denoise, k, z, gens[k], watch)
+                z = self._phase(s, model, k, z, gens[k], watch)
             if s.renormalise:
                 z = self.mechanisms.renormalise(z, *anchor)
             watch.see(z, k + 1, s.num_inference_steps - 1)
             watch.check(k + 1)
-            self._finish(s, plan, out, k, z, t0, denoise)
+            self._finish(s, plan, out, k, z, t0, model)
         return out
 
-    def _denoiser(self, s: Settings, plan: MemoryPlan) -> Denoiser:
-        """Encode the prompts (the text encoders are on the device for this only, by default) → a Denoiser."""
+    def _guided_unet(self, s: Settings, plan: MemoryPlan) -> GuidedUNet:
+        """Encode the prompts (the text encoders are on the device for this only, by default) → the
+        run's guided UNet."""
         dev, dt = self.device, self.unet.dtype
         with self._place("text", s, plan):
             embeds, neg_embeds, pooled, neg_pooled = self.text.encode_with_negative(
@@ -308,8 +310,8 @@ class DemoFusionPipeline:
         cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids)
         guide = None if s.control is None else Guide(self.controlnets, s.control, s.num_inference_steps, dev,
                                                      s.reference_compat)
-        return Denoiser(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale, plan.cfg_apart,
-                        parallel.runner(s.distributed), guide)
+        return GuidedUNet(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale,
+                          plan.cfg_apart, parallel.runner(s.distributed), guide)
 
     def _start(self, s: Settings, plan: MemoryPlan, g) -> torch.Tensor | None:
         """The phase-1 result when it is not sampled: the encoded image (img2img: upscaling starts
@@ -322,55 +324,37 @@ class DemoFusionPipeline:
             return s.resume_latents[0].to(self.device, torch.float32)
         return None
 
-    def _first_phase(self, s: Settings, denoise: Denoiser, g, watch: FiniteWatch) -> torch.Tensor:
-        """Phase 1: plain SDXL sampling of the whole (small) latent."""
-        dev, sched = self.device, self.scheduler
-        h1, w1 = s.sizes[0][0] // 8, s.sizes[0][1] // 8
-        latents = s.latents if s.latents is not None else torch.randn((s.batch, 4, h1, w1), generator=g)
-        z = latents.to(dev, torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
-        full = torch.zeros(s.batch, 2, dtype=torch.long)
-        stochastic = needs_noise(sched)
-        control = None if denoise.guide is None else [[lambda im=im: im] for im in denoise.guide.phase_images(s.sizes, 0)]
-        for i, t in enumerate(steps_of(sched.timesteps, 1, s.phases, s.progress)):
-            nz = torch.randn(z.shape, generator=g).to(dev) if stochastic else None
-            z = denoise(z, z, full, t, i, nz, lambda k: None, control)
-            watch.see(z, 1, i)
-            if s.callback is not None:
-                s.callback(1, i, t, z)
-        watch.check(1)
-        return z
+    def _phase(self, s: Settings, model: GuidedUNet, k: int, z, g, watch: FiniteWatch) -> torch.Tensor:
+        """Phase k+1 (0-based ``k``) with its generator ``g``: the multi-view denoiser of the phase
+        and the sampler loop (:func:`.algorithm.first_phase` / :func:`.algorithm.upscale_phase`)."""
+        mech, sched, dev = self.mechanisms, self.scheduler, self.device
+        images = None if model.guide is None else model.guide.phase_images(s.sizes, k)
+        upscaling = k >= s.first_upscale
+        if upscaling:  # the upsampled latent and its noise ε_k come first from g, then the jitter
+            z_up = mech.upsample_latents(z, (s.sizes[k][0] // 8, s.sizes[k][1] // 8))
+            eps = s.upscale_noise[k - s.first_upscale] if s.upscale_noise is not None else \
+                torch.randn(z_up.shape, generator=g)
+        else:
+            h1, w1 = s.sizes[0][0] // 8, s.sizes[0][1] // 8
+            latents = s.latents if s.latents is not None else torch.randn((s.batch, 4, h1, w1), generator=g)
+            z = latents.to(dev, torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
+        D = MultiViewDenoiser(model, mech, s, k, policy_for(s.reference_compat), images,
+                              g if s.view_jitter and upscaling else None)
+        steps = steps_of(len(sched.timesteps_cpu), k + 1, s.phases, s.progress)
+        noise_g = g if needs_noise(sched) else None
 
-    def _upscale_phase(self, s: Settings, denoise: Denoiser, k: int, z, g, watch: FiniteWatch) -> torch.Tensor:
-        """Phase k+1: upsample, re-noise, then denoise with skip residual, local and dilated paths."""
-        mech, sched = self.mechanisms, self.scheduler
-        timesteps = sched.timesteps
-        N, T = len(timesteps), sched.config.get("num_train_timesteps", 1000)
-        stochastic = needs_noise(sched)
-        z_up = mech.upsample_latents(z, (s.sizes[k][0] // 8, s.sizes[k][1] // 8))
-        eps = s.upscale_noise[k - s.first_upscale] if s.upscale_noise is not None else torch.randn(z_up.shape, generator=g)
-        eps = eps.to(self.device, z_up.dtype)
-        z = sched.add_noise_at(z_up, eps, 0)  # ẑ_0
-        images = None if denoise.guide is None else denoise.guide.phase_images(s.sizes, k)
-        # the scheduler is addressed by step index and c comes from the CPU copy of the timesteps:
-        # nothing on the device is read on the host during the phase (t goes to the UNet only)
-        for i, t in enumerate(steps_of(timesteps, k + 1, s.phases, s.progress)):
-            c = mech.cosine_factor(sched.timesteps_cpu[i], T)
-            if s.skip_residual:
-                z = mech.skip_residual(z, sched.add_noise_at(z_up, eps, i), c, s.cosine_scale_1)
-            if s.reference_compat:
-                # the reference's stale σ: chunk 0 of step 0 sees the previous phase's last σ
-                # (index N, i.e. 0; not after img2img), every later chunk the next step's σ (DESIGN §3.1)
-                scale_index = lambda kk, i=i: (N if (i == 0 and k > 0) else i) if kk == 0 else i + 1
-            else:
-                scale_index = lambda kk: None
-            z = upscale_step(mech, denoise, s, z, t, i, c, k + 1, g if s.view_jitter else None,
-                             g if stochastic else None, scale_index, images)
+        def on_step(i: int, z):
             watch.see(z, k + 1, i)
             if s.callback is not None:
-                s.callback(k + 1, i, t, z)
-        return z
+                s.callback(k + 1, i, sched.timesteps[i], z)
 
-    def _finish(self, s: Settings, plan: MemoryPlan, out: DemoFusionOutput, k: int, z, t0: float, denoise: Denoiser,
+        if not upscaling:
+            z = A.first_phase(sched, D, z, steps, noise_g, on_step)
+            watch.check(1)
+            return z
+        return A.upscale_phase(sched, D, mech, s, z_up, eps.to(dev, z_up.dtype), steps, noise_g, on_step)
+
+    def _finish(self, s: Settings, plan: MemoryPlan, out: DemoFusionOutput, k: int, z, t0: float, denoise: GuidedUNet,
                 done=False):
         """Record phase k+1: latents, the decoded image (unless latent output or resumed), calls."""
         image = None if done or s.output_type == "latent" else self._image(s, plan, k, z)

@@ -102,21 +102,10 @@ class Settings:
         """Index of the first upscaling phase: 0 for img2img (the image replaces phase 1), else 1."""
         return 0 if self.image is not None else 1
 
-    def unet_evaluations(self) -> list[int]:
-        """Single-view UNet forwards per phase (× 2 with guidance): the run's work."""
-        from ..ops import view_starts
-
-        out = []
-        for k, (h, w) in enumerate(self.sizes):
-            views = 1  # phase 1 of text-to-image: the whole latent in one view
-            if k >= self.first_upscale:
-                h, w, win, views = h // 8, w // 8, self.window, 0
-                if self.local_paths:
-                    views += len(view_starts(h, min(win, h), self.stride)) * len(view_starts(w, min(win, w), self.stride))
-                if self.dilated_sampling:
-                    views += (k + 1) ** 2
-            out.append(views * self.num_inference_steps * (2 if self.cfg else 1))
-        return out
+    def unet_evaluations(self, layout=None) -> list[int]:
+        """Single-view UNet forwards per phase (× 2 with guidance): the run's work, counted on
+        ``layout`` (a pipeline's ``mechanisms.view_layout``; default the algorithm's)."""
+        return M.unet_evaluations(self, layout or M.view_layout)
 
 
 # ---- small checkers: each returns the normalised value or raises one line ----------------------
