@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import (dilate, gather_views, gaussian_blur, jitter_range, jitter_views, local_views, match_mean_std,
-                   pad_to_multiple, scatter_add_views, undilate)
+from ..ops import (dilate, gather_views, gaussian_blur, jitter_range, jitter_views, match_mean_std, pad_to_multiple,
+                   scatter_add_views, undilate, view_starts)
 from .reference import DEFAULT, Policy
 
 VAE_SCALE = 8  # pixels per latent
@@ -113,7 +113,8 @@ def view_layout(s, k: int) -> list[PathLayout]:
     paths = []
     if s.local_paths:
         win = (min(s.window, h), min(s.window, w))
-        starts = tuple(map(tuple, local_views(h, w, win, s.stride).tolist()))
+        rows, cols = view_starts(h, win[0], s.stride), view_starts(w, win[1], s.stride)
+        starts = tuple((a, b) for a in rows for b in cols)  # row-major, as ops.local_views; plain ints
         paths.append(PathLayout("local", len(starts), win, starts, jitter_range(s.window, s.stride)))
     if s.dilated_sampling:
         d = k + 1  # phase k+1 dilates by k+1
