@@ -19,11 +19,10 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakTensorKeyDictionary
 
 aten = torch.ops.aten
 
@@ -63,7 +62,7 @@ class CudaGuard(TorchDispatchMode):
         self.strict = strict
         self.nondeterministic: list[str] = []
         self.h2d: list[tuple[str, tuple, bool, bool]] = []
-        self._pinned: weakref.WeakSet = weakref.WeakSet()
+        self._pinned = WeakTensorKeyDictionary()  # tensor → True, by identity
 
     @property
     def blocking(self) -> list[tuple[str, tuple, bool, bool]]:
@@ -102,5 +101,5 @@ class CudaGuard(TorchDispatchMode):
         self._note_copy(func, args, kwargs)
         out = func(*args, **kwargs)
         if kwargs.get("pin_memory") or func.overloadpacket is aten._pin_memory:
-            self._pinned.update(o for o in tree_leaves(out) if isinstance(o, torch.Tensor))
+            self._pinned.update({o: True for o in tree_leaves(out) if isinstance(o, torch.Tensor)})
         return out
