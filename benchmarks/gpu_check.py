@@ -100,7 +100,7 @@ def ceilings(cfg) -> dict:
     out = {}
     for dt in (torch.float16, torch.bfloat16) if d == "cuda" else (torch.float32,):
         a, b = (torch.randn(n, n, device=d, dtype=dt) for _ in range(2))
-        out[f"matmul_{str(dt)[6:]}_tflops"] = round(2 * n**3 / timed(lambda: a @ b, d, reps) / 1e12, 2)
+        out[f"matmul_{str(dt)[6:]}_tflops"] = float(f"{2 * n**3 / timed(lambda: a @ b, d, reps) / 1e12:.3g}")
     nbytes = cfg["copy_mib"] * 2**20
     x, y = (torch.empty(nbytes, dtype=torch.uint8, device=d) for _ in range(2))
     out["copy_gbps"] = round(2 * nbytes / timed(lambda: y.copy_(x), d, reps) / 1e9, 1)  # read + write

@@ -61,3 +61,16 @@ def test_attention_writes_the_bias_without_computing_it():
     assert torch.equal(out[0::2], attn(x[0::2], ctx[0::2]))
     with pytest.raises(ValueError, match="evenly spaced"):
         attn(x, CrossContext(ctx, slice(1, 2)))  # rows 0, 2, 3 left
+
+
+def test_channels_last_unet_equals_contiguous_to_rounding(tiny32):
+    """pipe.compile() puts the UNet in channels_last on CUDA: the same function to float rounding."""
+    x, ctx, pooled, ids = _inputs(tiny32, 2, slice(0, 1), torch.float32)
+    last = UNet("tiny").requires_grad_(False)
+    last.load_state_dict(tiny32.state_dict())
+    last.to(memory_format=torch.channels_last)
+    assert last.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = tiny32(x, 500, ctx, pooled, ids)
+        got = last(x.contiguous(memory_format=torch.channels_last), 500, ctx, pooled, ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
