@@ -196,3 +196,23 @@ def test_whole_sdxl_run_has_no_nondeterministic_op():
     """SDXL shapes (2.6 B UNet), 2048² from 1024² (2 phases): acceptance 1's determinism half."""
     guard, marks = guarded_run("sdxl-base", 2048)
     assert guard.nondeterministic == [] and len(marks) == 4
+
+
+def test_view_ops_trace_as_one_graph():
+    """Jitter (from pre-drawn uniforms), gather and the fixed-order merge: one graph, no break
+    (``torch.rand(generator=…)`` inside a step would break it: draw ahead, pass ``u``)."""
+    import torch._dynamo
+
+    base = local_views(24, 24, (16, 16), 8)
+    J = jitter_range(16, 8)
+
+    def step(z, u):
+        starts = jitter_views(base, (24, 24), (16, 16), J, u=u)
+        views = gather_views(z, starts, (16, 16))
+        total, count = scatter_add_views(views * 2, starts, tuple(z.shape))
+        return total / count
+
+    z, u = torch.randn(1, 4, 24 + 2 * J, 24 + 2 * J), torch.rand(base.shape, dtype=torch.float64)
+    explained = torch._dynamo.explain(step)(z, u)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
