@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..unet import UNetConfig
+from ..unet.attention import CrossContext
 from ..unet.model import UNetEncoder
 
 # config.json fields an SDXL ControlNet must have as given (anything else is another model)
@@ -92,10 +93,12 @@ class ControlNet(UNetEncoder):
         self.controlnet_mid_block = _zero(nn.Conv2d(ch[-1], ch[-1], 1))
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, controlnet_cond,
-                conditioning_scale: float = 1.0, guess_mode: bool = False):
+                conditioning_scale: float = 1.0, guess_mode: bool = False, zero_context: slice | None = None):
         b = sample.shape[0]
         temb = self.embed(timestep, text_embeds, time_ids, b, sample.dtype)
         context = encoder_hidden_states.to(sample.dtype)
+        if zero_context is not None:  # rows with a zero context: see UNet.forward
+            context = CrossContext(context, zero_context)
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond.to(sample.dtype))
         x, skips = self.encode(x, temb, context)
         down = [proj(s) for proj, s in zip(self.controlnet_down_blocks, skips)]

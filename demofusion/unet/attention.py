@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class CrossContext(NamedTuple):
+    """A cross-attention context and the batch rows whose states are known to be all zero.
+
+    ``zero_rows`` is a slice over the batch, known on the host (the caller built those zeros, e.g.
+    SDXL's zero negative prompt), never checked on the device (a check would be a sync). The UNet
+    wraps its context in one when called with ``zero_context=``; the blocks pass it on unopened.
+    """
+
+    states: torch.Tensor
+    zero_rows: slice
+
+
+def _rows_slice(rows: list[int]) -> slice:
+    """``rows`` (ascending, an arithmetic progression) as a slice; ValueError otherwise."""
+    if len(rows) <= 1:
+        return slice(rows[0], rows[0] + 1) if rows else slice(0, 0)
+    step = rows[1] - rows[0]
+    if any(b - a != step for a, b in zip(rows, rows[1:])):
+        raise ValueError(f"zero_context leaves rows {rows}, not evenly spaced: give a slice whose complement is one")
+    return slice(rows[0], rows[-1] + 1, step)
 
 
 class Attention(nn.Module):
@@ -19,13 +43,29 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | CrossContext | None = None) -> torch.Tensor:
+        if isinstance(context, CrossContext):
+            return self._skip_zero_rows(x, context)
         ctx = x if context is None else context
         b, n, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+
+    def _skip_zero_rows(self, x: torch.Tensor, context: CrossContext) -> torch.Tensor:
+        """Rows with a zero context: k = v = 0 (to_k, to_v have no bias), so softmax(q·0) weighs
+        zeros and the output is exactly ``to_out``'s bias — written, not computed. The other rows
+        are attended as usual."""
+        b, n, _ = x.shape
+        zero = range(b)[context.zero_rows]
+        keep = _rows_slice([r for r in range(b) if r not in zero])
+        bias = self.to_out[0].bias.to(x.dtype)
+        out = x.new_empty(b, n, bias.shape[0])
+        out[context.zero_rows] = bias
+        if keep.start != keep.stop:
+            out[keep] = self(x[keep], context.states[keep])
+        return out
 
 
 class GEGLU(nn.Module):

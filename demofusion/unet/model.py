@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import CrossContext
 from .blocks import DownBlock, MidBlock, UpBlock
 from .config import UNetConfig
 from .embeddings import TimestepEmbedding, sinusoidal_embedding
@@ -68,6 +69,12 @@ class UNet(UNetEncoder):
     text_embeds [B,P] (pooled text); time_ids [B,6] (orig h,w, crop top,left, target h,w).
     Returns the noise prediction [B,out_channels,h,w]. ControlNet residuals, when given, are added
     to the skips and to the mid block's output, as diffusers adds them.
+
+    ``zero_context``: the batch rows (a slice, known on the host) whose ``encoder_hidden_states``
+    are exactly zero — SDXL's zero negative prompt: ``slice(0, None, 2)`` for interleaved
+    (uncond, cond) pairs, ``slice(None)`` for an unconditional call. Their cross-attention is
+    ``to_out``'s bias, written instead of computed (the same values, bit for bit). Trusted, never
+    checked on the device; the rows left must be evenly spaced.
     """
 
     def __init__(self, config: UNetConfig | str = "sdxl-base"):
@@ -85,10 +92,13 @@ class UNet(UNetEncoder):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids,
-                down_block_additional_residuals=None, mid_block_additional_residual=None):
+                down_block_additional_residuals=None, mid_block_additional_residual=None,
+                zero_context: slice | None = None):
         b = sample.shape[0]
         temb = self.embed(timestep, text_embeds, time_ids, b, sample.dtype)
         context = encoder_hidden_states.to(sample.dtype)
+        if zero_context is not None:
+            context = CrossContext(context, zero_context)
 
         x, skips = self.encode(self.conv_in(sample), temb, context)
         if down_block_additional_residuals is not None:
