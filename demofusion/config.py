@@ -151,7 +151,12 @@ class Knob:
         return value  # sizes: checked against the target by the run (settings.resolve_sizes)
 
     def parse(self, text: str):
-        """A value typed as text (the command line, a sweep, the page), checked."""
+        """A value typed as text (the command line), converted and checked."""
+        return self.check(self.convert(text))
+
+    def convert(self, text: str):
+        """A value typed as text (the command line, the page) → its type; unchecked (the run checks
+        it with the bounds only it knows, e.g. stride ≤ the window)."""
         text = str(text).strip()
         if self.kind == "bool":
             words = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
@@ -172,7 +177,7 @@ class Knob:
             raise InputError(f"{self.name} must be {what}, got {text!r}") from None
         if self.kind == "int" and not isinstance(value, int):
             raise InputError(f"{self.name} must be a whole number, got {text!r}")
-        return self.check(value)
+        return value
 
 
 def knobs(cls=None) -> list[Knob]:
