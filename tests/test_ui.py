@@ -340,6 +340,28 @@ def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_p
     print(f"browser: generate + download + error in {time.time() - t0:.1f} s")
 
 
+def test_ui_refuses_invalid_knobs_in_the_page(page, server):
+    """Issue 21 item 18 in the browser: stride 0 and 2.5 steps are refused with the CLI's words, not
+    replaced by the default stride or 2 steps; nothing starts."""
+    pg = page
+    pg.get_by_text("DemoFusion knobs").click()  # open the accordion
+    _set(pg, "a lighthouse at dawn", height=256, width=256, num_inference_steps=2)
+    box = pg.locator("#df-stride input, #df-stride textarea").first
+    box.fill("0")
+    box.press("Tab")
+    pg.click("#df-generate")
+    text = _wait_text(pg, "#df-message", "Error", timeout=30)
+    assert "Stride must be 1..32, got 0" in text, text
+    assert "Not started" in pg.locator("#df-progress").inner_text()
+    box.fill("")
+    box.press("Tab")
+    _set(pg, num_inference_steps=2.5)
+    pg.click("#df-generate")
+    text = _wait_text(pg, "#df-message", "whole number", timeout=30)
+    assert "Steps must be a whole number, got float 2.5" in text, text
+    _set(pg, num_inference_steps=2)
+
+
 def test_ui_stop_keeps_phase_one_then_generates_again(page, server):
     pg = page
     _set(pg, "a lighthouse at dawn", height=512, width=768, num_inference_steps=6)
