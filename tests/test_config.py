@@ -118,3 +118,19 @@ def test_run_ids_of_existing_runs_are_unchanged():
     old = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     assert run_id(params) == old
     assert run_id(params | {"base_size": 512}) != old  # the knob added with the config: only when set
+
+
+def test_a_new_switch_is_an_ablate_cell_and_a_no_flag():
+    @dataclass(frozen=True)
+    class WithSwitch(DemoFusionConfig):
+        phase_noise: bool = knob(True, "Fresh noise in every upscaling phase.", "bool", ablation=True)
+
+    from demofusion.cli.args import ablations
+
+    assert ablations(WithSwitch)["no-phase-noise"] == {"phase_noise": False}
+    assert "no-phase-noise" not in ablations()  # the package's grid: the plain config's switches
+    p = Parser(prog="demofusion ablate")
+    add_config_flags(p, WithSwitch)
+    assert p.parse_args(["--no-phase-noise"]).phase_noise is False and p.parse_args([]).phase_noise is None
+    with pytest.raises(InputError, match=r"^phase_noise must be True or False, got str 'no'$"):
+        WithSwitch(phase_noise="no")
