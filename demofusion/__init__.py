@@ -8,6 +8,7 @@ Public API (see docs/ and DESIGN.md §2)::
     text = df.load_text_encoders(path)
     sched = df.schedulers.EulerDiscreteScheduler.from_config(cfg)
     pipe = df.DemoFusionPipeline.from_pretrained(path_or_preset, device="cuda", dtype=torch.float16)
+    out = pipe(prompt, height=2048, width=2048, config=df.DemoFusionConfig(sigma=0.6), stride=32)
 
 Attributes are imported lazily so that ``import demofusion`` stays cheap.
 """
@@ -24,6 +25,7 @@ _LAZY = {
     "AutoencoderKL": ("demofusion.vae", "AutoencoderKL"),
     "load_text_encoders": ("demofusion.text", "load_text_encoders"),
     "DemoFusionPipeline": ("demofusion.pipeline", "DemoFusionPipeline"),
+    "DemoFusionConfig": ("demofusion.config", "DemoFusionConfig"),
     "load_controlnet": ("demofusion.controlnet", "load_controlnet"),
     "ControlNet": ("demofusion.controlnet", "ControlNet"),
     "WeightsError": ("demofusion.weights", "WeightsError"),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .config import knob_names
 from .errors import InputError, NonFiniteError
 
 META_KEY = "demofusion"  # PNG text chunk holding the generation parameters as JSON
@@ -133,11 +134,15 @@ _A1111_FIELDS = [  # (params key, A1111 label), in the order AUTOMATIC1111 write
     ("num_inference_steps", "Steps"), ("sampler", "Sampler"), ("guidance_scale", "CFG scale"), ("seed", "Seed"),
     ("size", "Size"), ("model_hash", "Model hash"), ("model", "Model"), ("strength", "Denoising strength"),
 ]
-_DEMOFUSION_FIELDS = [  # written as "DemoFusion <key with spaces>", or the label given here
-    "phase", "phases", "phase_sizes", "view_batch_size", "stride", "cosine_scale_1", "cosine_scale_2",
-    "cosine_scale_3", "sigma", "multi_decoder", "skip_residual", "local_paths", "dilated_sampling",
-    "dilated_blur", "renormalise", "view_jitter", "image", "max_memory", "offload", "fp8",
-]
+_RUN_FIELDS = ["image", "max_memory", "offload", "fp8"]  # after the phase and the DemoFusionConfig knobs
+
+
+def demofusion_fields(config_cls=None) -> list[str]:
+    """The keys written as "DemoFusion <key with spaces>" (or the label in _LABELS): the phase, every
+    field of ``config_cls`` (default DemoFusionConfig), then the run's picture and placement."""
+    return ["phase", *knob_names(config_cls), *_RUN_FIELDS]
+
+
 _LABELS = {"image": "init image"}
 
 
@@ -149,7 +154,7 @@ def _a1111_value(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
 
 
-def _a1111_pairs(params: dict) -> list[tuple[str, object]]:
+def _a1111_pairs(params: dict, config_cls=None) -> list[tuple[str, object]]:
     fields = dict(params)
     if params.get("width") is not None and params.get("height") is not None:
         fields["size"] = f"{params['width']}x{params['height']}"  # A1111 writes width first
@@ -159,16 +164,16 @@ def _a1111_pairs(params: dict) -> list[tuple[str, object]]:
         fields.pop("fp8", None)  # said only when on
     pairs = [(label, fields[k]) for k, label in _A1111_FIELDS if fields.get(k) is not None]
     pairs += [("DemoFusion " + _LABELS.get(k, k.replace("_", " ")), fields[k])
-              for k in _DEMOFUSION_FIELDS if fields.get(k) is not None]
+              for k in demofusion_fields(config_cls) if fields.get(k) is not None]
     return pairs + [("Version", f"demofusion {params.get('version') or __version__}")]
 
 
-def a1111_parameters(params: dict) -> str:
+def a1111_parameters(params: dict, config_cls=None) -> str:
     """The AUTOMATIC1111 ``parameters`` text: prompt lines, ``Negative prompt: …``, then ``Key: value, …``."""
     text = params.get("prompt") or ""
     if params.get("negative_prompt"):
         text += f"\nNegative prompt: {params['negative_prompt']}"
-    return text + "\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in _a1111_pairs(params))
+    return text + "\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in _a1111_pairs(params, config_cls))
 
 
 def save_png(img, path, params: dict) -> None:

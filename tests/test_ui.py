@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,52 @@ def test_runner_errors_are_one_line_in_the_page_words(model):
         prepare(model, Page(mode="img2img", prompt="x", height=512, width=512))
     with pytest.raises(InputError, match="Canny edges"):
         prepare(model, Page(mode="control", prompt="x", height=512, width=512))
+
+
+def test_runner_refuses_invalid_knobs_as_the_cli_does(model):
+    """Issue 21 item 18: a bad value is refused in the page's words, never replaced (stride 0 is not
+    the default stride, 2.5 steps are not 2), and the page takes the CLI's whole range."""
+    from demofusion.ui.runner import Page, prepare
+
+    ok = dict(prompt="x", height=512, width=512)
+    refused = [(dict(stride="0"), r"^Stride must be 1\.\.32, got 0 latents"),
+               (dict(stride="2.5"), r"^Stride must be a whole number, got '2\.5'$"),
+               (dict(stride="abc"), r"^Stride must be a whole number, got 'abc'$"),
+               (dict(view_batch_size="0"), r"^View batch size must be ≥ 1, got 0"),
+               (dict(num_inference_steps=2.5), r"^Steps must be a whole number, got float 2\.5"),
+               (dict(num_inference_steps=None), r"^Steps must be a whole number"),
+               (dict(height=512.5), r"^Height must be a whole number"),
+               (dict(cosine_scale_1=1001), r"^Cosine scale 1 must be in \[0\.0, 1000\.0\], got 1001"),
+               (dict(sigma=101), r"^Sigma must be in \[0\.0, 100\.0\]"),
+               (dict(guidance_scale=101), r"^Guidance must be in \[0\.0, 100\.0\]"),
+               (dict(phase_sizes="256by256"), r"^Phase sizes '256by256': give HEIGHTxWIDTH pairs")]
+    for values, message in refused:
+        with pytest.raises(InputError, match=message):
+            prepare(model, Page(**ok | values))
+    # the CLI's range: values a slider used to cut off run; empty text is the default
+    plan = prepare(model, Page(**ok, cosine_scale_1=999.5, sigma=99, guidance_scale=99, stride="", phases="2",
+                               skip_residual=False, phase_sizes="256x256,512x512"))
+    assert (plan.params["cosine_scale_1"], plan.params["sigma"], plan.params["guidance_scale"]) == (999.5, 99.0, 99.0)
+    assert (plan.params["stride"], plan.params["phases"], plan.params["skip_residual"]) == (16, 2, False)
+    assert plan.kwargs["phase_sizes"] == [[256, 256], [512, 512]]
+
+
+def test_knob_controls_are_built_from_the_config():
+    """Every knob's gradio control (the page calls knob_control for each), with the config's label."""
+    gr = pytest.importorskip("gradio")
+    from demofusion.config import DemoFusionConfig, knob, knobs
+    from demofusion.ui.app import knob_control
+    from demofusion.ui.knobs import control_spec
+
+    @dataclass(frozen=True)
+    class WithAlpha1End(DemoFusionConfig):  # a researcher's knob, as in tests/test_config.py
+        cosine_scale_1_end: float = knob(0.0, "α1 at the last step of a phase.", "float", lo=0.0, hi=10.0)
+
+    made = {k.name: knob_control(control_spec(k)) for k in knobs(WithAlpha1End)}
+    assert isinstance(made["cosine_scale_1_end"], gr.Number) and made["cosine_scale_1_end"].label == "Cosine scale 1 end"
+    assert isinstance(made["stride"], gr.Textbox) and made["stride"].label == "Stride"  # empty: the default
+    assert isinstance(made["skip_residual"], gr.Checkbox) and made["skip_residual"].value is True
+    assert made["sigma"].minimum is None and made["sigma"].precision is None  # no bounds, no rounding
 
 
 def test_runner_writes_the_cli_metadata_and_from_image_reproduces_it(model, tmp_path):
@@ -291,6 +338,28 @@ def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_p
     body = pg.locator("body").inner_text()
     assert "Traceback" not in body and 'File "' not in body
     print(f"browser: generate + download + error in {time.time() - t0:.1f} s")
+
+
+def test_ui_refuses_invalid_knobs_in_the_page(page, server):
+    """Issue 21 item 18 in the browser: stride 0 and 2.5 steps are refused with the CLI's words, not
+    replaced by the default stride or 2 steps; nothing starts."""
+    pg = page
+    pg.get_by_text("DemoFusion knobs").click()  # open the accordion
+    _set(pg, "a lighthouse at dawn", height=256, width=256, num_inference_steps=2)
+    box = pg.locator("#df-stride input, #df-stride textarea").first
+    box.fill("0")
+    box.press("Tab")
+    pg.click("#df-generate")
+    text = _wait_text(pg, "#df-message", "Error", timeout=30)
+    assert "Stride must be 1..32, got 0" in text, text
+    assert "Not started" in pg.locator("#df-progress").inner_text()
+    box.fill("")
+    box.press("Tab")
+    _set(pg, num_inference_steps=2.5)
+    pg.click("#df-generate")
+    text = _wait_text(pg, "#df-message", "whole number", timeout=30)
+    assert "Steps must be a whole number, got float 2.5" in text, text
+    _set(pg, num_inference_steps=2)
 
 
 def test_ui_stop_keeps_phase_one_then_generates_again(page, server):

@@ -13,12 +13,13 @@ from ..errors import InputError, NonFiniteError
 from ..outputs import META_KEY, RUN_FILE, read_png_params, save_png
 from . import ranks
 from .ablate import cmd_ablate, contact_sheet
-from .args import ABLATIONS, KNOBS, SWITCHES, build_parser
+from .args import ABLATIONS, add_config_flags, build_parser
 from .common import CLIError, load_pipeline, model_fingerprint
 from .generate import cmd_generate, cmd_upscale
 
 __all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "load_pipeline", "model_fingerprint",
-           "contact_sheet", "META_KEY", "RUN_FILE", "ABLATIONS", "KNOBS", "SWITCHES"]
+           "contact_sheet", "META_KEY", "RUN_FILE", "ABLATIONS",
+           "add_config_flags"]
 
 
 def cmd_download(args) -> int:

@@ -7,12 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..outputs import check_output_folder, new_run_folder, save_png, write_json
-from .args import ABLATIONS, KNOBS, PLACEMENT_KEYS, RUN_KEYS
+from ..config import knobs
+from .args import ABLATIONS, PLACEMENT_KEYS, RUN_KEYS
 from .control import control_kwargs, control_maps
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
 
-SWEEPABLE = {k: t for k, t, *_ in KNOBS} | {"num_inference_steps": int, "guidance_scale": float}
+# every numeric DemoFusionConfig knob, and the run's steps and guidance
+SWEEPABLE = {k.name: int if k.kind == "int" else float for k in knobs() if k.kind in ("int", "float")} | \
+    {"num_inference_steps": int, "guidance_scale": float}
 
 
 def parse_sweeps(sweeps: list[str]) -> list[tuple[str, dict]]:
@@ -78,7 +81,7 @@ def cmd_ablate(args) -> int:
             run_settings({**params, **change}, base, controlnets=nets, **control)
         except CLIError as e:
             raise CLIError(f"cell {name}: {e}") from None
-    params["stride"] = params["stride"] if params["stride"] is not None else base // 16
+    params["stride"] = run_settings(params, base, controlnets=nets, **control).stride  # recorded as resolved
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, create=False)  # said before the weights load
     pipe = load_pipeline(params, args.compile)

@@ -5,29 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-# DemoFusion knobs: (name, type, default, help) with the reference's names and defaults
-KNOBS = [
-    ("view_batch_size", int, None, "views per UNet call; default 16, or fewer as --max-memory needs"),
-    ("stride", int, None, "MultiDiffusion view stride in latents; default half the window: 64 for SDXL, 16 for tiny"),
-    ("cosine_scale_1", float, 3.0, "skip-residual decay exponent (α1)"),
-    ("cosine_scale_2", float, 1.0, "dilated-sampling weight exponent (α2)"),
-    ("cosine_scale_3", float, 1.0, "Gaussian-blur weight exponent (α3)"),
-    ("sigma", float, 0.8, "Gaussian blur std for dilated sampling (0: no blur)"),
-]
-SWITCHES = [  # on by default; --no-<name> turns off
-    ("multi_decoder", "tiled VAE decoding of large phases"),
-    ("skip_residual", "skip residual from the upsampled previous phase"),
-    ("local_paths", "MultiDiffusion local views"),
-    ("dilated_sampling", "dilated global paths"),
-    ("dilated_blur", "Gaussian blur before dilated sampling"),
-    ("renormalise", "renormalise fused latents"),
-    ("view_jitter", "random view jitter"),
-]
+from ..config import GUIDANCE_MAX, config_defaults, knob_names, knobs
+from ..errors import InputError
+
 DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negative_prompt": None, "height": 3072,
             "width": 3072, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0, "phases": None,
             "phase_sizes": None, "model": "tiny", "device": "auto", "dtype": "auto", "max_memory": None,
-            "offload": None, "fp8": False,
-            **{k: d for k, _, d, _ in KNOBS}, **{k: True for k, _ in SWITCHES}}
+            "offload": None, "fp8": False, **config_defaults()}
 # ControlNets (cli/control.py): recorded with a run, part of its id (with the maps' hashes)
 CONTROL_DEFAULTS = {"controlnet": None, "control_image": None, "control": None, "control_source": None,
                     "canny_low": 100, "canny_high": 200, "control_scale": None, "control_start": None,
@@ -48,17 +32,19 @@ PLACEMENT_KEYS = ["max_memory", "offload"]
 OFFLOAD = ("none", "model", "sequential")
 # the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
 RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
-            "phases", "phase_sizes", *(k for k, *_ in KNOBS), *(k for k, _ in SWITCHES)]
+            *knob_names()]  # every DemoFusionConfig field
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ABLATIONS = {
-    "full": {},
-    "no-skip-residual": {"skip_residual": False},
-    "no-dilated-sampling": {"dilated_sampling": False},
-    "no-local-paths": {"local_paths": False},
-    "progressive-only": {"skip_residual": False, "dilated_sampling": False},  # plain MultiDiffusion upscaling
-    "no-dilated-blur": {"dilated_blur": False},
-    "no-renormalise": {"renormalise": False},
-}
+
+
+def ablations(cls=None) -> dict:
+    """The ``ablate --grid`` cells: the full model, "no-<knob>" for each ablation switch of the
+    config (its field metadata says ``ablation``), and plain MultiDiffusion upscaling."""
+    cells = {"full": {}}
+    cells |= {f"no-{k.name.replace('_', '-')}": {k.name: False} for k in knobs(cls) if k.ablation}
+    return cells | {"progressive-only": {"skip_residual": False, "dilated_sampling": False}}
+
+
+ABLATIONS = ablations()
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,15 +55,33 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _phase_sizes_arg(text: str) -> list[list[int]]:
-    """``"1024x1024,2048x2048"`` → [[1024, 1024], [2048, 2048]] (height × width, px)."""
-    try:
-        sizes = [[int(v) for v in part.lower().split("x")] for part in text.split(",") if part.strip()]
-    except ValueError:
-        sizes = None
-    if not sizes or any(len(hw) != 2 for hw in sizes):
-        raise argparse.ArgumentTypeError(f"{text!r}: give HEIGHTxWIDTH pairs separated by commas, e.g. 1024x1024,2048x2048")
-    return sizes
+class KnobType:
+    """argparse ``type=`` of a config knob: parsed and range-checked by the knob itself, so a bad
+    value is argparse's one line ("argument --stride: must be ≥ 1, got 0")."""
+
+    def __init__(self, knob):
+        self.knob = knob
+        self.__name__ = knob.kind  # argparse names the type in some messages
+
+    def __call__(self, text: str):
+        try:
+            return self.knob.parse(text)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{self.knob.name} ")) from None
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls=None) -> None:
+    """A ``--<field-with-dashes>`` flag for every field of a DemoFusionConfig (sub)class: help, default
+    and range from its metadata; on/off knobs as ``--x/--no-x``. Default None: the caller tells
+    given flags from defaults."""
+    for k in knobs(cls):
+        said = [] if k.optional else [f"default {({True: 'on', False: 'off'}).get(k.default, k.default)}"]
+        said += [k.range_text()] if k.range_text() and k.kind != "bool" else []  # optional: the help says the default
+        help_ = (k.help + (f" ({'; '.join(said)})" if said else "")).replace("%", "%%")
+        if k.kind == "bool":
+            p.add_argument(k.flag, dest=k.name, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(k.flag, dest=k.name, type=KnobType(k), metavar=k.metavar, help=help_)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -88,16 +92,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--steps", "--num-inference-steps", dest="num_inference_steps", type=int, help="default 50")
     p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float,
-                   help="classifier-free guidance scale (default 7.5; ≤ 1 turns guidance off)")
+                   help=f"classifier-free guidance scale (default 7.5; 0 … {GUIDANCE_MAX:g}; ≤ 1 turns guidance off)")
     p.add_argument("--seed", type=int, help="0 … 2**64−1 (default 0)")
-    p.add_argument("--phases", type=int, help="number of phases (default: from the size)")
-    p.add_argument("--phase-sizes", dest="phase_sizes", type=_phase_sizes_arg, metavar="HxW,HxW,...",
-                   help="explicit size of every phase, ending with --height x --width (default: from the size)")
-    for name, typ, default, help_ in KNOBS:
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=f"{help_} (default {default})")
-    for name, help_ in SWITCHES:
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
-                       help=f"{help_} (default on)")
+    add_config_flags(p)
     _add_control_args(p)
     p.add_argument("--model", help="a path, or a preset: tiny (default), sdxl-base, sdxl-turbo")
     p.add_argument("--scheduler", choices=SAMPLER_NAMES,

@@ -93,8 +93,7 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
     """The pipeline's validation of a run's parameters (before any weights are loaded)."""
     from ..pipeline.settings import check_int, validate
 
-    kw = {k: params[k] for k in RUN_KEYS}
-    kw["stride"] = kw["stride"] if kw["stride"] is not None else base // 16
+    kw = {k: params.get(k) for k in RUN_KEYS}  # (a knob added later is missing from older records: its default)
     try:
         kw |= {k: params.get(k) for k in PLACEMENT_KEYS}
         s = validate(base, prompt=kw.pop("prompt"), **kw, force=bool(params.get("force")),

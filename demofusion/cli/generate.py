@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .. import __version__
+from ..config import config_defaults, knob_names, run_id_items
 from . import ranks
 from ..errors import InputError
 from ..outputs import (RUN_FILE, check_output_folder, load_latents, new_run_folder, read_png_params, save_latents,
@@ -34,12 +35,15 @@ class _Stop(Exception):
 
 
 # ---- parameters ---------------------------------------------------------------------------------
-def run_id(params: dict) -> str:
-    """What makes a run's pixels, hashed: the phase files of a run carry it (resume checks it)."""
-    keys = [*RUN_KEYS, "model", "model_hash", "dtype", "image_sha256", *(["fp8"] if params.get("fp8") else []),
+def run_id(params: dict, config_cls=None) -> str:
+    """What makes a run's pixels, hashed: the phase files of a run carry it (resume checks it).
+    The knobs are the fields of ``config_cls`` (default DemoFusionConfig): :func:`run_id_items`."""
+    keys = [*(k for k in RUN_KEYS if k not in knob_names()), "model", "model_hash", "dtype", "image_sha256",
+            *(["fp8"] if params.get("fp8") else []),
             *([*CONTROL_KEYS, "control_sha256", "controlnet_hash"] if params.get("controlnet") else []),
             *(k for k in (*MODEL_KEYS, "vae_hash", "lora_hash") if params.get(k))]  # (only when set: older ids stay)
-    return hashlib.sha256(json.dumps({k: params.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+    values = {k: params.get(k) for k in keys} | run_id_items(params, config_cls)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _given(args) -> dict:
@@ -53,7 +57,9 @@ def _resumed_params(args) -> tuple[dict, Path]:
         raise CLIError(f"--resume {out}: no {RUN_FILE} there (not a demofusion output folder)")
     try:
         params = json.loads((out / RUN_FILE).read_text())
-        assert isinstance(params, dict) and all(k in params for k in RUN_KEYS)
+        assert isinstance(params, dict)
+        params = config_defaults() | params  # a knob added since the run started: its default
+        assert all(k in params for k in RUN_KEYS)
     except (ValueError, AssertionError):
         raise CLIError(f"--resume {out}: {RUN_FILE} is damaged (not the JSON a run writes); start a new run") from None
     for k, v in {**_given(args), **({"image": args.image} if args.image else {})}.items():

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..config import DemoFusionConfig
 from ..memory.plan import MemoryPlan, plan_run
 from .. import parallel
 from ..placement import Placement
@@ -184,29 +185,14 @@ class DemoFusionPipeline:
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         seed: int = 0,
-        view_batch_size: int | None = None,
-        stride: int | None = None,
-        cosine_scale_1: float = 3.0,
-        cosine_scale_2: float = 1.0,
-        cosine_scale_3: float = 1.0,
-        sigma: float = 0.8,
-        multi_decoder: bool = True,
+        *,
+        config: DemoFusionConfig | None = None,
         image=None,
         latents: torch.Tensor | None = None,
         upscale_noise: list | None = None,
-        view_jitter: bool = True,
         reference_compat: bool = False,
-        *,
         prompt_2=None,
         negative_prompt_2=None,
-        base_size: int | None = None,
-        phases: int | None = None,
-        phase_sizes: list | None = None,
-        skip_residual: bool = True,
-        local_paths: bool = True,
-        dilated_sampling: bool = True,
-        dilated_blur: bool = True,
-        renormalise: bool = True,
         output_type: str = "pil",
         callback: Callable | None = None,
         on_phase_end: Callable | None = None,
@@ -224,29 +210,32 @@ class DemoFusionPipeline:
         control_guidance_end=1.0,
         guess_mode: bool = False,
         truncate_prompts: bool = False,
+        **knobs,
     ) -> DemoFusionOutput:
         """Generate ``height × width`` with DemoFusion. See DESIGN.md §2/§3 and docs/pipeline.md.
 
         Every argument is checked first (:meth:`validate`); a bad one raises a one-line
         :class:`~demofusion.errors.InputError`, and NaN/Inf appearing during the run a
         :class:`~demofusion.errors.NonFiniteError` naming the phase and step.
-        Ablation switches: ``skip_residual``, ``local_paths``, ``dilated_sampling``,
-        ``dilated_blur`` (σ = 0 is the same as off), ``renormalise``, ``view_jitter``,
-        ``multi_decoder``, ``phases``. ``guidance_scale`` ≤ 1: no classifier-free guidance.
+        DemoFusion's knobs: ``config`` (a :class:`~demofusion.DemoFusionConfig`, default its
+        defaults), and each of its fields as a keyword overriding it (``stride``,
+        ``cosine_scale_1/2/3``, ``sigma``, ``view_batch_size``, ``phases``, ``phase_sizes``,
+        ``base_size``, ``multi_decoder`` and the ablation switches ``skip_residual``,
+        ``local_paths``, ``dilated_sampling``, ``dilated_blur`` (σ = 0 is the same as off),
+        ``renormalise``, ``view_jitter``): their defaults, ranges and meaning are the config's
+        fields (docs/pipeline.md). ``guidance_scale`` ≤ 1: no classifier-free guidance.
         ``callback(phase, step, t, latents)`` after every step; ``on_phase_end(phase, image,
         latents)`` and ``preview_dir`` (writes ``phase_<k>.png``) as soon as a phase ends.
         ``resume_latents``: latents of phases already finished (phase 1 first); those phases are
         skipped and the result equals an uninterrupted run's.
         ``output_type``: ``"pil"``, ``"pt"`` ([B,3,H,W] tensors in [0, 1]) or ``"latent"`` (no
         decoding; ``images`` are None). ``progress``: a tqdm bar per phase.
-        ``stride``: MultiDiffusion view stride in latents, default half the window (64 for SDXL).
-        ``phase_sizes``: explicit (h, w) pixel size of every phase, the last (height, width); phase k
-        (1-based) then dilates by k, as in the default schedule. ``force``: allow sizes beyond
-        16384 px and phase 1 under half the base size.
+        ``phase_sizes``: phase k (1-based) dilates by k, as in the default schedule. ``force``:
+        allow sizes beyond 16384 px and phase 1 under half the base size.
         ``max_memory`` (bytes, "8GB", "8GiB", "auto"): plan placement, view batch and VAE tiles so
         every stage's estimated peak fits (:meth:`memory_plan`; docs/memory.md); ``offload``:
         "none", "model" or "sequential" (default "none", or the budget's pick). ``view_batch_size``:
-        views per UNet call, default 16 or fewer under a budget (a given value is kept).
+        a given value is kept under a budget.
         ``distributed``: inside an initialised process group of several ranks, the views of each
         step are shared among them, with the one-process result on every rank (docs/distributed.md).
         ControlNets (``controlnet=`` of the constructor): ``control_image`` (one per ControlNet, RGB in
@@ -256,7 +245,7 @@ class DemoFusionPipeline:
         Prompts: longer than 75 tokens in 75-token chunks, A1111 weights ``(word:1.3)`` as compel
         computes them (docs/prompts.md); ``truncate_prompts``: cut at 77 tokens, no weights (diffusers).
         """
-        args = {k: v for k, v in locals().items() if k not in ("self", "prompt")}
+        args = {k: v for k, v in locals().items() if k not in ("self", "prompt", "knobs")} | knobs
         s = self.validate(prompt, **args)
         plan = plan_run(self, s, estimate_stages=False)
         s = dataclasses.replace(s, view_batch_size=plan.view_batch_size)

@@ -9,14 +9,14 @@ with one line naming the argument and the fix.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..config import (GUIDANCE_MAX, DemoFusionConfig, check_bool, check_float, check_int, knobs, split_overrides,
+                      with_overrides)
 from ..errors import InputError
 from ..memory.plan import parse_budget
 from ..placement import POLICIES
@@ -24,13 +24,17 @@ from . import mechanisms as M
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 MAX_SIDE = 16384  # px; larger targets are refused unless force=True
-SWITCHES = ("multi_decoder", "view_jitter", "reference_compat", "skip_residual", "local_paths", "dilated_sampling",
-            "dilated_blur", "renormalise", "offload_text_encoders", "progress", "force", "distributed", "truncate_prompts")
+# on/off arguments of a call that are not DemoFusion knobs (those are DemoFusionConfig's fields)
+SWITCHES = ("reference_compat", "offload_text_encoders", "progress", "force", "distributed", "truncate_prompts")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """A validated run: the call's arguments, normalised, plus the phase sizes they imply."""
+    """A validated run: the call's arguments, normalised, plus the phase sizes they imply.
+
+    The knobs are flat fields as the run reads them (stride and base size resolved) and, as given
+    and checked, ``config``; a knob without a flat field here is read from ``config``
+    (``s.<knob>``), so a new knob needs no edit of this class."""
 
     prompt: list
     negative_prompt: list | None
@@ -73,6 +77,14 @@ class Settings:
     distributed: bool = True  # inside a process group of > 1 rank: share the views (demofusion.parallel)
     control: object = None  # the ControlNets' images, scales and windows (controlnet.guide.Control) or None
     truncate_prompts: bool = False  # cut at 77 tokens, no weights (diffusers); else chunks and A1111 weights
+    config: DemoFusionConfig | None = None  # the knobs as given (checked): stride/base_size None = the default
+
+    def __getattr__(self, name):
+        """A knob of ``config`` without a flat field (one added later, or by a subclass)."""
+        config = self.__dict__.get("config")
+        if name.startswith("_") or config is None or not hasattr(config, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(config, name)
 
     @property
     def batch(self) -> int:
@@ -109,39 +121,9 @@ class Settings:
 
 
 # ---- small checkers: each returns the normalised value or raises one line ----------------------
+# (check_int, check_float, check_bool live with the knobs in demofusion/config.py)
 def _type_name(v) -> str:
     return type(v).__name__
-
-
-def check_int(name: str, v, lo: int | None = None, hi: int | None = None, hint: str = "") -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer():
-            v = int(v)  # 512.0 is 512
-        else:
-            raise InputError(f"{name} must be a whole number, got {_type_name(v)} {v!r}{hint}")
-    v = int(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f"≥ {lo}"
-        raise InputError(f"{name} must be {rng}, got {v}{hint}")
-    return v
-
-
-def check_float(name: str, v, lo: float | None = None, hi: float | None = None, hint: str = "") -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise InputError(f"{name} must be a number, got {_type_name(v)} {v!r}{hint}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be a finite number, got {v}{hint}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}"
-        raise InputError(f"{name} must be {rng}, got {v}{hint}")
-    return v
-
-
-def check_bool(name: str, v) -> bool:
-    if not isinstance(v, bool):
-        raise InputError(f"{name} must be True or False, got {_type_name(v)} {v!r}")
-    return v
 
 
 def check_prompts(name: str, v, batch: int | None, optional: bool) -> list | None:
@@ -232,41 +214,46 @@ def check_size(height: int, width: int, base: int, reference_compat: bool, force
 
 # ---- the one entry point ----------------------------------------------------------------------
 def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negative_prompt=None, height=3072,
-             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, view_batch_size=None, stride=None,
-             cosine_scale_1=3.0, cosine_scale_2=1.0, cosine_scale_3=1.0, sigma=0.8, image=None, latents=None,
-             upscale_noise=None, prompt_2=None, negative_prompt_2=None, base_size=None, phases=None,
-             phase_sizes=None, output_type="pil", callback=None, on_phase_end=None, preview_dir=None,
-             resume_latents=None, max_memory=None, offload=None, num_train_timesteps: int = 1000,
-             controlnets: int = 0, control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-             control_guidance_end=1.0, guess_mode=False, **switches) -> Settings:
-    """Check every argument of a run once and return the normalised :class:`Settings`
-    (``controlnets``: how many ControlNets the pipeline has; the control arguments are theirs)."""
+             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, config=None, image=None, latents=None,
+             upscale_noise=None, prompt_2=None, negative_prompt_2=None, output_type="pil", callback=None,
+             on_phase_end=None, preview_dir=None, resume_latents=None, max_memory=None, offload=None,
+             num_train_timesteps: int = 1000, controlnets: int = 0, control_image=None,
+             controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
+             guess_mode=False, **switches) -> Settings:
+    """Check every argument of a run once and return the normalised :class:`Settings`.
+
+    ``config``: a :class:`~demofusion.config.DemoFusionConfig` (None: the defaults); its field
+    names given as keywords override it (``stride=32``, ``cosine_scale_1=2.0`` …), checked by the
+    config's own field metadata. ``controlnets``: how many ControlNets the pipeline has; the
+    control arguments are theirs."""
     from ..controlnet.guide import check_control
 
+    overrides, switches = split_overrides(switches, type(config) if isinstance(config, DemoFusionConfig) else None)
     unknown = set(switches) - set(SWITCHES)
     if unknown:
         raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
     sw = {k: check_bool(k, switches.get(k, f.default)) for f in fields(Settings) if (k := f.name) in SWITCHES}
     prompts = check_prompts("prompt", prompt, None, optional=False)
     B = len(prompts)
-    base = check_int("base_size", base_size if base_size is not None else pipe_base_size, 64, MAX_SIDE)
+    base_knob = next(k for k in knobs() if k.name == "base_size")
+    base = base_knob.check(overrides.get("base_size", getattr(config, "base_size", None))) or pipe_base_size
+    base = base_knob.check(base)  # the model's own base size, as a given one
     if base % 64:
         raise InputError(f"base_size={base} must be a multiple of 64 (the UNet halves the latent three times)")
+    window = base // 8
+    cfg = with_overrides(config, overrides, window=window, half=max(window // 2, 1))
     height = check_int("height", height, 8, hint=" (pixels)")
     width = check_int("width", width, 8, hint=" (pixels)")
     check_size(height, width, base, sw["reference_compat"], sw["force"])
-    if phases is not None:
-        phases = check_int("phases", phases, 1, 64, hint="; leave it out for ⌊max(height, width) / base⌋")
-    sizes = resolve_sizes(height, width, base, phases, phase_sizes, sw["reference_compat"], mech)
-    if max(sizes[0]) < base // 2 and not sw["force"] and phase_sizes is None:
+    sizes = resolve_sizes(height, width, base, cfg.phases, cfg.phase_sizes, sw["reference_compat"], mech)
+    if max(sizes[0]) < base // 2 and not sw["force"] and cfg.phase_sizes is None:
         raise InputError(f"phases={len(sizes)} makes phase 1 only {sizes[0][0]}×{sizes[0][1]} px, under half the "
                          f"base size {base} (SDXL draws nothing useful there); use fewer phases or pass force=True")
-    window = base // 8
-    if not (sw["local_paths"] or sw["dilated_sampling"]):
+    if not (cfg.local_paths or cfg.dilated_sampling):
         raise InputError("at least one path must denoise, but local_paths and dilated_sampling are both off")
-    stride = window // 2 if stride is None else stride  # default: half the window (64 for SDXL)
-    stride = check_int("stride", stride, 1, window,
-                       hint=f" latents (the window is base size / 8 = {window}; e.g. stride={max(window // 2, 1)})")
+    flat = {f.name for f in fields(Settings)}
+    knob_fields = {k.name: getattr(cfg, k.name) for k in knobs(type(cfg)) if k.name in flat}
+    knob_fields.update(stride=window // 2 if cfg.stride is None else cfg.stride, base_size=base)  # the defaults
     s = Settings(
         prompt=prompts,
         negative_prompt=check_prompts("negative_prompt", negative_prompt, B, optional=True),
@@ -274,22 +261,15 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
         negative_prompt_2=check_prompts("negative_prompt_2", negative_prompt_2, B, optional=True),
         height=height, width=width,
         num_inference_steps=check_int("num_inference_steps", num_inference_steps, 1, num_train_timesteps),
-        guidance_scale=check_float("guidance_scale", guidance_scale, 0.0, 100.0,
+        guidance_scale=check_float("guidance_scale", guidance_scale, 0.0, GUIDANCE_MAX,
                                    hint=" (≤ 1 switches classifier-free guidance off)"),
         seed=check_int("seed", seed, 0, 2**64 - 1),
-        view_batch_size=None if view_batch_size is None else
-        check_int("view_batch_size", view_batch_size, 1, hint=" (views per UNet call; None: what max_memory allows)"),
-        stride=stride,
-        cosine_scale_1=check_float("cosine_scale_1", cosine_scale_1, 0.0, 1000.0),
-        cosine_scale_2=check_float("cosine_scale_2", cosine_scale_2, 0.0, 1000.0),
-        cosine_scale_3=check_float("cosine_scale_3", cosine_scale_3, 0.0, 1000.0),
-        sigma=check_float("sigma", sigma, 0.0, 100.0, hint=" (0 means no blur)"),
-        base_size=base, sizes=sizes, image=None, latents=None, upscale_noise=None, resume_latents=[],
+        sizes=sizes, image=None, latents=None, upscale_noise=None, resume_latents=[],
         output_type=_check_output_type(output_type),
         callback=check_callable("callback", callback), on_phase_end=check_callable("on_phase_end", on_phase_end),
         preview_dir=_check_dir(preview_dir), max_memory=parse_budget(max_memory), offload=_check_offload(offload),
         control=check_control(controlnets, B, control_image, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode), **sw)
+                              control_guidance_end, guess_mode), config=cfg, **knob_fields, **sw)
     return _with_tensors(s, image, latents, upscale_noise, resume_latents, vae_scale)
 
 

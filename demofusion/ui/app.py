@@ -24,7 +24,8 @@ import gradio as gr  # noqa: E402
 from ..cli.args import DEFAULTS  # noqa: E402
 from ..errors import InputError  # noqa: E402
 from . import runner, worker  # noqa: E402
-from .knobs import HELP, LABELS, markdown_text  # noqa: E402
+from ..config import knobs  # noqa: E402
+from .knobs import HELP, LABELS, control_spec, markdown_text  # noqa: E402
 
 CSS = """
 #df-progress .df-track { height: 14px; background: var(--neutral-200, #e5e7eb); border-radius: 7px; overflow: hidden; }
@@ -57,8 +58,16 @@ def _number(name: str, value, **kw):
     return gr.Number(value=value, label=LABELS[name], info=HELP[name], elem_id=f"df-{name}", **kw)
 
 
-def _slider(name: str, lo: float, hi: float, step: float, value):
-    return gr.Slider(lo, hi, value=value, step=step, label=LABELS[name], info=HELP[name], elem_id=f"df-{name}")
+def knob_control(spec: dict):
+    """The gradio control of a knob (:func:`demofusion.ui.knobs.control_spec`): no bounds and no
+    rounding on the control, so every value reaches the run's check and a bad one is refused in
+    the page's words, as the CLI refuses it."""
+    common = dict(label=spec["label"], info=spec["info"], elem_id=spec["elem_id"])
+    if spec["kind"] == "checkbox":
+        return gr.Checkbox(spec["value"], **common)
+    if spec["kind"] == "text":
+        return gr.Textbox(spec["value"], placeholder="empty: the default", max_lines=1, **common)
+    return gr.Number(value=spec["value"], **common)
 
 
 def build_app(pipe_or_model="tiny", *, controlnet: str | None = None, device: str = "auto", out="out/ui",
@@ -108,24 +117,17 @@ def build_app(pipe_or_model="tiny", *, controlnet: str | None = None, device: st
                 fields["negative_prompt"] = gr.Textbox(label=LABELS["negative_prompt"], info=HELP["negative_prompt"],
                                                        elem_id="df-negative_prompt")
                 with gr.Row():
-                    fields["height"] = _number("height", 2 * base, precision=0, step=8)
-                    fields["width"] = _number("width", 2 * base, precision=0, step=8)
+                    fields["height"] = _number("height", 2 * base, step=8)  # no precision: 500.5 is refused, not rounded
+                    fields["width"] = _number("width", 2 * base, step=8)
                 with gr.Row():
-                    fields["num_inference_steps"] = _number("num_inference_steps", DEFAULTS["num_inference_steps"],
-                                                            precision=0)
-                    fields["guidance_scale"] = _slider("guidance_scale", 0, 20, 0.1, DEFAULTS["guidance_scale"])
+                    fields["num_inference_steps"] = _number("num_inference_steps", DEFAULTS["num_inference_steps"])
+                    fields["guidance_scale"] = _number("guidance_scale", DEFAULTS["guidance_scale"], step=0.1)
                 with gr.Row(equal_height=True):
                     fields["seed"] = _number("seed", DEFAULTS["seed"], precision=0)
                     dice = gr.Button("Random seed", elem_id="df-random-seed", scale=0, size="sm")
                 with gr.Accordion("DemoFusion knobs", open=False):
-                    with gr.Row():
-                        fields["view_batch_size"] = _number("view_batch_size", None, precision=0)
-                        fields["stride"] = _number("stride", base // 16, precision=0)
-                    for k, d in (("cosine_scale_1", 3.0), ("cosine_scale_2", 1.0), ("cosine_scale_3", 1.0)):
-                        fields[k] = _slider(k, 0, 10, 0.1, d)
-                    fields["sigma"] = _slider("sigma", 0, 2, 0.05, DEFAULTS["sigma"])
-                    fields["multi_decoder"] = gr.Checkbox(True, label=LABELS["multi_decoder"],
-                                                          info=HELP["multi_decoder"], elem_id="df-multi_decoder")
+                    for k in knobs():  # one control per DemoFusionConfig field (ui/knobs.py)
+                        fields[k.name] = knob_control(control_spec(k))
                     fields["max_memory"] = gr.Textbox(label=LABELS["max_memory"], info=HELP["max_memory"],
                                                       placeholder="e.g. 8GiB (empty: none)", elem_id="df-max_memory")
                 with gr.Row():

@@ -1,13 +1,19 @@
 """The page's words: every control's label (the pipeline's names) and its help text.
 
-The DemoFusion knobs are explained as the reference (PRIS-CV/DemoFusion, its README and pipeline
-docstring) explains them; the rest in this project's words (docs/pipeline.md, docs/memory.md).
-No gradio here: the names also turn the pipeline's one-line errors into the page's words.
+The DemoFusion knobs' controls, labels, help and ranges are generated from the fields of
+:class:`~demofusion.config.DemoFusionConfig` (:func:`control_spec`, :func:`page_value`), so the
+page offers and refuses exactly what the command line does; their help is the reference's
+(PRIS-CV/DemoFusion, its README and pipeline docstring). The rest in this project's words
+(docs/pipeline.md, docs/memory.md). No gradio here: the names also turn the pipeline's one-line
+errors into the page's words.
 """
 
 from __future__ import annotations
 
 import re
+
+from ..config import GUIDANCE_MAX, Knob, knobs
+from ..errors import InputError
 
 # argument → the label the page shows (errors name arguments; the page says labels)
 LABELS = {
@@ -18,13 +24,6 @@ LABELS = {
     "num_inference_steps": "Steps",
     "guidance_scale": "Guidance",
     "seed": "Seed",
-    "view_batch_size": "View batch size",
-    "stride": "Stride",
-    "cosine_scale_1": "Cosine scale 1",
-    "cosine_scale_2": "Cosine scale 2",
-    "cosine_scale_3": "Cosine scale 3",
-    "sigma": "Sigma",
-    "multi_decoder": "Multi-decoder",
     "max_memory": "Memory budget",
     "image": "Picture",
     "control_image": "Control map",
@@ -32,6 +31,7 @@ LABELS = {
     "control_guidance_start": "Control start",
     "control_guidance_end": "Control end",
     "guess_mode": "Guess mode",
+    **{k.name: k.title for k in knobs()},
 }
 # the CLI's flags, as some shared helpers word their errors
 FLAG_LABELS = {"--scale": "Scale", "--canny-low": "Canny low", "--canny-high": "Canny high",
@@ -48,22 +48,8 @@ HELP = {
     "width": "Pixels, a multiple of 8 and at least the model's base size.",
     "num_inference_steps": "Denoising steps of every phase (the reference uses 50).",
     "guidance_scale": "Classifier-free guidance: how strongly the prompt steers (7.5 as the reference); ≤ 1 turns "
-                      "guidance off and halves the work.",
+                      f"guidance off and halves the work. 0 … {GUIDANCE_MAX:g}.",
     "seed": "The same seed and settings give the same picture (the PNG records them all).",
-    "view_batch_size": "The batch size for multiple denoising paths: a larger batch is faster but needs more GPU "
-                       "memory. Empty (or 0): 16, or fewer as the Memory budget needs.",
-    "stride": "The stride of moving local patches, in latents (window = base / 8). A smaller stride alleviates "
-              "seams but costs more views and time. Empty (or 0): half the window, 64 on SDXL.",
-    "cosine_scale_1": "Decay of the skip residual (α1, 3 by default): smaller keeps closer to the previous phase "
-                      "but may show more upsampling noise. See Appendix C of the DemoFusion paper.",
-    "cosine_scale_2": "Decay of dilated sampling (α2, 1 by default): smaller fights repetition better but may look "
-                      "grainy. See Appendix C of the paper.",
-    "cosine_scale_3": "Decay of the Gaussian filter (α3, 1 by default): smaller is less grainy but may "
-                      "over-smooth. See Appendix C of the paper.",
-    "sigma": "Standard deviation of the Gaussian filter before dilated sampling: larger promotes global guidance "
-             "but may over-smooth; 0 means no blur.",
-    "multi_decoder": "Decode large phases in tiles (the VAE's memory grows with the picture); needed from about "
-                     "3072×3072 on a GPU.",
     "max_memory": "GPU memory budget, e.g. 8GiB, 8GB or auto: placement, view batch and VAE tiles are planned so "
                   "every stage fits (docs/memory.md). Empty: no budget.",
     "picture": "The picture to upscale: it replaces phase 1, then DemoFusion upscales it phase by phase.",
@@ -80,6 +66,39 @@ HELP = {
     "guess_mode": "The ControlNet sees only the conditional half (diffusers' guess mode); try with an empty prompt.",
     "control_upscale": "Also start from the picture (image to image), as the reference's ControlNet img2img demo.",
 }
+
+
+def knob_help(k: Knob) -> str:
+    """A knob's help in the page: the config's text, its range (the CLI's) and what empty means."""
+    return (k.help + (f" Range {k.range_text()}." if k.range_text() and k.kind != "bool" else "")
+            + (" Empty: the default." if k.optional else ""))
+
+
+HELP |= {k.name: knob_help(k) for k in knobs()}
+
+
+# ---- the knobs' controls, generated from the config's fields (gradio builds them: ui/app.py) -------
+def control_spec(k: Knob) -> dict:
+    """How the page shows knob ``k``: ``kind`` checkbox (on/off), text (empty = the run's default, or
+    sizes) or number, with its label, help, starting value and element id. No bounds are set on
+    the control: the run's check refuses out-of-range values in the page's words, as the CLI does."""
+    kind = "checkbox" if k.kind == "bool" else "text" if k.optional or k.kind == "sizes" else "number"
+    value = "" if kind == "text" else k.default
+    return {"kind": kind, "label": k.title, "info": knob_help(k), "value": value,
+            "elem_id": f"df-{k.name}", "name": k.name}
+
+
+def page_value(k: Knob, raw):
+    """A control's value → the call's: empty text is the default (None), text is converted
+    (``2.5`` for a whole number is refused, never rounded), numbers and on/off pass to the run's check."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None if k.optional else k.default
+        try:
+            return k.convert(raw)
+        except InputError as e:
+            raise InputError(in_page_words(str(e))) from None
+    return raw
 
 _ESCAPE = re.compile(r"([\\`*_\[\]<>#|])")
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from types import SimpleNamespace
 
+from ..config import knobs
 from ..errors import InputError
-from .knobs import in_page_words
+from .knobs import in_page_words, page_value
 
 MODES = ("txt2img", "img2img", "control")
 
@@ -84,8 +85,9 @@ def wrap_pipeline(pipe, model: str | None = None, controlnet: str | None = None,
 
 # ---- the page's values → a checked plan ------------------------------------------------------------
 @dataclass
-class Page:
-    """The values of the page's controls (gradio hands over None for an empty number)."""
+class PageBase:
+    """The values of the page's run-level controls (gradio hands over None for an empty number);
+    :class:`Page` adds one field per DemoFusion knob."""
 
     mode: str = "txt2img"
     prompt: str = ""
@@ -95,13 +97,6 @@ class Page:
     num_inference_steps: float | None = 50
     guidance_scale: float | None = 7.5
     seed: float | None = 0
-    view_batch_size: float | None = None
-    stride: float | None = None
-    cosine_scale_1: float | None = 3.0
-    cosine_scale_2: float | None = 1.0
-    cosine_scale_3: float | None = 1.0
-    sigma: float | None = 0.8
-    multi_decoder: bool = True
     max_memory: str = ""
     picture: str | None = None  # image to image: the uploaded file
     scale: float | None = 2.0
@@ -116,6 +111,12 @@ class Page:
     control_end: float | None = 1.0
     guess_mode: bool = False
     control_upscale: bool = False  # ControlNet tab: also start from control_picture (image to image)
+
+
+# one field per DemoFusionConfig knob, its default the config's (text controls: "" or None is the default)
+Page = make_dataclass("Page", [(k.name, object, field(default=k.default)) for k in knobs()], bases=(PageBase,),
+                      namespace={"__doc__": "The values of the page's controls: run-level and every knob."})
+Page.__module__ = __name__
 
 
 @dataclass
@@ -158,11 +159,9 @@ def _prepare(model: Model, page: Page) -> Plan:
     params = defaults() | {
         "model": model.name, "device": model.device, "dtype": model.dtype, "prompt": page.prompt or "",
         "negative_prompt": page.negative_prompt or None, "height": page.height, "width": page.width,
-        **{k: getattr(page, k) for k in ("num_inference_steps", "guidance_scale", "seed", "cosine_scale_1",
-                                          "cosine_scale_2", "cosine_scale_3", "sigma")},
-        # empty (gradio 5 sends 0 for an empty number) → the pipeline's default
-        "view_batch_size": page.view_batch_size or None, "stride": page.stride or None,
-        "multi_decoder": bool(page.multi_decoder), "max_memory": (page.max_memory or "").strip() or None,
+        **{k: getattr(page, k) for k in ("num_inference_steps", "guidance_scale", "seed")},
+        **{k.name: page_value(k, getattr(page, k.name)) for k in knobs()},  # refused as the CLI does, never replaced
+        "max_memory": (page.max_memory or "").strip() or None,
         "controlnet": [model.controlnet] if page.mode == "control" else None}
     plan = Plan(page.mode, params, {}, None)
     image, control = None, {}
@@ -181,10 +180,9 @@ def _prepare(model: Model, page: Page) -> Plan:
         plan.inputs["image"] = picture
     kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": False} | control
     s = model.pipe_for(page.mode).validate(kwargs["prompt"], **{k: v for k, v in kwargs.items() if k != "prompt"})
-    norm = {k: getattr(s, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "seed",
-                                       "view_batch_size", "stride", "cosine_scale_1", "cosine_scale_2",
-                                       "cosine_scale_3", "sigma", "multi_decoder")}
-    params.update(norm)  # as the pipeline reads them: 512 not 512.0, the default stride filled in
+    norm = {k: getattr(s, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "seed")}
+    norm |= {k.name: getattr(s.config, k.name) for k in knobs()} | {"stride": s.stride}
+    params.update(norm)  # as the pipeline reads them: 512 not 512.0, the default stride filled in (as the CLI)
     if control:
         params.update(control_scale=[float(page.control_scale)], control_start=[float(page.control_start)],
                       control_end=[float(page.control_end)], guess_mode=bool(page.guess_mode))
