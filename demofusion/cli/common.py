@@ -205,8 +205,14 @@ def parse_loras(specs) -> list | None:
             path, value = str(spec), 1.0  # a ':' inside the path (Windows drive), no scale
         if not path or not Path(path).expanduser().is_file():
             raise CLIError(f"--lora {spec}: no such file; give FILE or FILE:SCALE (e.g. style.safetensors:0.8)")
-        out.append((path, value))
+        out.append((path, _lora_scale(value, spec)))
     return out
+
+
+def _lora_scale(value: float, spec) -> float:
+    from ..lora import check_scale
+
+    return check_scale(value, f"--lora {spec}: scale")
 
 
 def sampler_name(scheduler) -> str:
