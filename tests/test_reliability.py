@@ -43,7 +43,8 @@ def test_tiny_sigma_kernel_is_the_identity(std):
 
 def test_tiny_sigma_runs_to_a_finite_picture(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["generate", *SMALL, "--sigma", "1e-30", "--out", str(out)]) == 0, capsys.readouterr().err
+    # stride = window: few views, the dilated (blurred) path of phase 2 all the same
+    assert main(["generate", *SMALL, "--stride", "32", "--sigma", "1e-30", "--out", str(out)]) == 0, capsys.readouterr().err
     picture = np.asarray(Image.open(out / "phase_2.png"))
     assert picture.std() > 0  # a picture, not a constant (NaN-derived) one
 
@@ -69,12 +70,15 @@ def test_closed_pipe_exits_quietly(tmp_path):
 
 
 def test_ascii_terminal_gets_x_for_times(monkeypatch):
-    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="ascii") for _ in range(2))
     monkeypatch.setattr(sys, "stdout", out)
-    assert main(["generate", "--dry-run", "--height", "512", "--width", "512"]) == 0
-    out.flush()
-    text = out.buffer.getvalue().decode("ascii")
-    assert "256x256 -> 512x512" in text and "dry run:" in text
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["generate", "--help"]) == 0
+    assert main(["generate", "--model", "tiny", "--height", "100000", "--width", "100000"]) == 2
+    out.flush(), err.flush()
+    assert "image size x --scale" in out.buffer.getvalue().decode("ascii")
+    lines = err.buffer.getvalue().decode("ascii").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "100000x100000 px" in lines[0], lines
 
 
 # ---- 11: a bad DEMOFUSION_DIST_TIMEOUT -----------------------------------------------------------
