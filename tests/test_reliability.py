@@ -91,3 +91,132 @@ def test_bad_dist_timeout_never_breaks_version_and_is_one_line_in_a_run(monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: the value is read when the run joins
     one_error(capsys, ["generate", *SMALL, "--out", tmp_path / "o"], "DEMOFUSION_DIST_TIMEOUT=abc", "seconds")
     assert not (tmp_path / "o").exists()
+
+
+# ---- files: a tiny model folder, LoRAs, a UNet alone, pickles -------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from PIL.PngImagePlugin import PngInfo
+    from safetensors.torch import save_file
+
+    from demofusion.pipeline import DemoFusionPipeline
+
+    d = tmp_path_factory.mktemp("files")
+    pipe = DemoFusionPipeline.from_pretrained("tiny")
+    pipe.save_pretrained(d / "tiny-model")
+    down, up = "lora_unet_time_embedding_linear_1.lora_down.weight", "lora_unet_time_embedding_linear_1.lora_up.weight"
+    g = torch.Generator().manual_seed(0)
+    save_file({down: torch.randn(2, 32, generator=g), up: torch.randn(128, 2, generator=g)}, str(d / "style.safetensors"))
+    save_file({down: torch.full((2, 32), float("nan")), up: torch.randn(128, 2, generator=g)}, str(d / "nan.safetensors"))
+    (d / "style.pt").write_bytes(b"\x80\x02 a pickle")  # never opened
+    (d / "only-unet").mkdir()
+    (d / "only-unet" / "unet").symlink_to(d / "tiny-model" / "unet")
+    (d / "etc").mkdir()
+    (d / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+
+    def png(name, **fields):
+        from demofusion.cli.common import defaults
+
+        info = PngInfo()
+        info.add_text("demofusion", __import__("json").dumps({**defaults(), "height": 512, "width": 512,
+                                                               "num_inference_steps": 1, **fields}))
+        Image.new("RGB", (64, 64)).save(d / name, pnginfo=info)
+        return d / name
+
+    return d, pipe, png
+
+
+UNET = "tiny-model/unet/diffusion_pytorch_model.safetensors"
+DRY = ["generate", "--dry-run", "--height", "512", "--width", "512"]
+
+
+# ---- 7: LoRA scales and LoRA values ----------------------------------------------------------------
+@pytest.mark.parametrize("scale", ["nan", "inf", "1e30", "-11"])
+def test_lora_scale_outside_the_range_is_refused_before_anything(files, capsys, tmp_path, scale):
+    d, _, _ = files
+    one_error(capsys, [*DRY, "--lora", f"{d}/style.safetensors:{scale}"], "--lora", "scale", "-10 … 10")
+    one_error(capsys, ["generate", *SMALL, "--lora", f"{d}/style.safetensors:{scale}", "--out", tmp_path / "o"],
+              "finite number in -10 … 10")
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_refuses_nan_scale_and_nan_lora_leaving_weights_as_they_were(files):
+    from demofusion.lora import LoraError
+
+    d, pipe, _ = files
+    before = pipe.unet.time_embedding.linear_1.weight.detach().clone()
+    for scale in (float("nan"), 1e30, "abc"):
+        with pytest.raises(LoraError, match="LoRA scale"):
+            pipe.load_lora(d / "style.safetensors", scale)
+    with pytest.raises(LoraError, match="NaN/Inf") as e:
+        pipe.load_lora(d / "nan.safetensors")
+    assert "\n" not in str(e.value) and "lora_unet_time_embedding_linear_1.lora_down.weight" in str(e.value)
+    assert torch.equal(pipe.unet.time_embedding.linear_1.weight, before) and pipe.loras.loaded == {}
+    name = pipe.load_lora(d / "style.safetensors", 10)  # the edge of the range is allowed
+    pipe.loras.unload(pipe._lora_targets(), name)
+    assert torch.equal(pipe.unet.time_embedding.linear_1.weight, before)
+
+
+def test_nan_lora_file_is_one_line_from_the_cli(files, capsys, tmp_path):
+    d, _, _ = files
+    one_error(capsys, ["generate", *SMALL, "--lora", d / "nan.safetensors", "--out", tmp_path / "o"],
+              "nan.safetensors", "NaN/Inf", "re-download")
+
+
+# ---- 10 and 13: each flag gets what it takes, said before any weights load ------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "{d}/etc", "--height", "1024", "--width", "1024"], ["--model {d}/etc", "without weights", "diffusers folder"]),
+    (["--model", "{d}/only-unet"], ["--model", "no vae/ folder"]),
+    (["--model", "{d}/" + UNET], ["--model", "a UNet alone", "--model takes an SDXL model"]),
+    (["--model", "{d}/style.safetensors"], ["--model", "this is a LoRA (use it as --lora FILE[:SCALE])"]),
+    (["--vae", "/nonexistent"], ["--vae /nonexistent", "does not exist", "--vae takes a VAE"]),
+    (["--vae", "{d}/" + UNET], ["--vae", "a UNet alone", "--vae takes a VAE"]),
+    (["--vae", "{d}/style.safetensors"], ["--vae", "a LoRA", "--vae takes a VAE"]),
+    (["--vae", "{d}/etc/passwd"], ["--vae {d}/etc/passwd", "not a safetensors file"]),
+    (["--lora", "{d}/style.pt"], ["--lora", "pickle", "never opened"]),
+    (["--lora", "{d}/" + UNET], ["--lora", "a UNet alone", "--lora takes a LoRA"]),
+    (["--lora", "{d}/tiny-model/vae/diffusion_pytorch_model.safetensors"], ["--lora", "a VAE (use it as --vae PATH)"]),
+    (["--controlnet", "{d}/style.safetensors", "--control-image", "{d}/pic.png"], ["--controlnet", "a LoRA",
+                                                                                  "--controlnet takes"]),
+    (["--controlnet", "{d}/tiny-model", "--control-image", "{d}/pic.png"], ["--controlnet", "SDXL model folder"]),
+])
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
+def test_each_flag_is_given_what_it_takes(files, capsys, tmp_path, argv, words, dry):
+    d, _, _ = files
+    Image.new("RGB", (64, 64)).save(d / "pic.png")
+    argv = [a.replace("{d}", str(d)) for a in argv]
+    base = DRY if dry else ["generate", *SMALL, "--out", str(tmp_path / "o")]
+    one_error(capsys, [*base, *argv], *(w.replace("{d}", str(d)) for w in words))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_tiny_model_folder_passes_the_checks(files, capsys):
+    d, _, _ = files
+    assert main([*DRY, "--model", str(d / "tiny-model"), "--vae", str(d / "tiny-model" / "vae"),
+                 "--lora", f"{d}/style.safetensors:0.5"]) == 0
+    assert "dry run:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"lora": 5}, ["lora is 5", "FILE[:SCALE]"]),
+    ({"lora": [f"STYLE:nan"]}, ["scale nan"]),
+    ({"lora": ["{d}/style.pt"]}, ["pickle"]),
+    ({"vae": "{d}/etc/passwd"}, ["--vae", "not a safetensors file"]),
+    ({"vae": ["x"]}, ["vae is ['x']", "a path"]),
+    ({"height": "512"}, ["height is '512'", "--height"]),
+    ({"fp8": "yes"}, ["fp8", "true or false"]),
+    ({"scheduler": "dpm"}, ["scheduler", "ddim"]),
+    ({"phase_sizes": [[256, "x"]]}, ["phase_sizes", "pairs"]),
+    ({"model": "{d}/etc"}, ["--model", "without weights"]),
+])
+def test_replayed_png_fields_are_untrusted_input(files, capsys, tmp_path, fields, words):
+    d, _, png = files
+    fields = {k: (v.replace("{d}", str(d)).replace("STYLE", str(d / "style.safetensors")) if isinstance(v, str)
+                  else [x.replace("{d}", str(d)).replace("STYLE", str(d / "style.safetensors")) for x in v]
+                  if isinstance(v, list) and all(isinstance(x, str) for x in v) else v) for k, v in fields.items()}
+    source = png("replay.png", **fields)
+    before = source.read_bytes()
+    for extra in (["--dry-run"], ["--out", str(tmp_path / "o")]):
+        one_error(capsys, ["generate", "--from-image", source, "--no-progress", *extra],
+                  *(w.replace("{d}", str(d)) for w in words))
+    assert source.read_bytes() == before and not (tmp_path / "o").exists()

@@ -182,10 +182,11 @@ def cmd_generate(args) -> int:
     image = load_image(params["image"], "--image") if params.get("image") else None
     dry = getattr(args, "dry_run", False)
     control = control_kwargs(params, control_maps(params))  # the maps are read and checked before any weights
-    settings = run_settings(params, base_size_of(params["model"], planning=dry), args.stop_after_phase, image=image,
+    base = base_size_of(params["model"], planning=dry)
+    check_files(params)  # model, VAE, LoRAs, ControlNets: there, readable, of the right kind (headers only)
+    settings = run_settings(params, base, args.stop_after_phase, image=image,
                             controlnets=len(params.get("controlnet") or []), **control)
     params["stride"] = settings.stride
-    check_files(params)  # model, VAE, LoRAs, ControlNets: there, readable, of the right kind (headers only)
     warn_settings(params)
     if out is not None and not resuming:
         _prepare_folder(out, args, params, check_only=True)  # a bad --out is said before the weights load
