@@ -220,3 +220,74 @@ def test_replayed_png_fields_are_untrusted_input(files, capsys, tmp_path, fields
         one_error(capsys, ["generate", "--from-image", source, "--no-progress", *extra],
                   *(w.replace("{d}", str(d)) for w in words))
     assert source.read_bytes() == before and not (tmp_path / "o").exists()
+
+
+# ---- 9: inspect checks what loading checks, and says what a file is ---------------------------------
+def test_inspect_tiny(capsys):
+    assert main(["inspect", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED" in out and "--model tiny" in out and out.count("values all finite") == 4
+
+
+def test_inspect_refuses_a_folder_without_every_component(files, capsys):
+    d, _, _ = files
+    line = one_error(capsys, ["inspect", d / "only-unet"], "no vae/ folder")
+    assert "+2 more problems" in line  # text_encoder/ and text_encoder_2/ too
+
+
+def test_inspect_reads_values_nan_is_a_problem_and_fp16_overflow_a_warning(files, capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    d, pipe, _ = files
+    sd = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    sd["conv_in.weight"][0, 0, 0, 0] = 1e6
+    save_file(sd, str(tmp_path / "big.safetensors"))
+    assert main(["inspect", str(tmp_path / "big.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 1 tensors hold values beyond float16's ±65504 ('conv_in.weight')" in out
+    assert "--dtype bfloat16" in out and "a UNet alone cannot run" in out
+    sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    one_error(capsys, ["inspect", tmp_path / "nan.safetensors"], "1 tensors hold NaN/Inf", "conv_in.weight")
+
+
+def test_inspect_names_loras_controlnets_and_vaes(files, capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    from demofusion.presets import tiny_controlnet
+
+    d, pipe, _ = files
+    assert main(["inspect", str(d / "style.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA (kohya layout): 1 targets (unet: 1)" in out and "--lora" in out and "KeyError" not in out
+    one_error(capsys, ["inspect", d / "nan.safetensors"], "NaN/Inf")
+    net = tiny_controlnet(pipe.unet.config, 1, "cpu", torch.float32)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "net.safetensors"))
+    assert main(["inspect", str(tmp_path / "net.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "SDXL ControlNet" in out and "keys match the model exactly, values all finite" in out and "--controlnet" in out
+    assert main(["inspect", str(d / "tiny-model" / "vae")]) == 0
+    assert "--vae" in capsys.readouterr().out
+
+
+# ---- smaller: one phase limit, CPU float16, an unused negative prompt --------------------------------
+def test_one_phase_limit_answers_at_once(capsys):
+    one_error(capsys, [*DRY, "--force", "--height", "100000"], "390 phases", "more than 64", "--phases 64")
+    one_error(capsys, [*DRY, "--phases", "65"], "--phases", "65")
+    one_error(capsys, [*DRY, "--phase-sizes", ",".join(["512x512"] * 65)], "65 entries", "more than 64")
+
+
+def test_float16_on_the_cpu_warns(capsys):
+    from demofusion.cli import load_pipeline
+
+    load_pipeline({"model": "tiny", "device": "cpu", "dtype": "float16"})
+    err = capsys.readouterr().err
+    assert "warning: float16 on the CPU is 10–40× slower than float32" in err
+
+
+def test_negative_prompt_without_guidance_is_said(capsys):
+    assert main([*DRY, "--negative-prompt", "blurry", "--guidance", "1"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: --negative-prompt is unused: --guidance 1"), err
+    assert main([*DRY, "--negative-prompt", "blurry"]) == 0
+    assert "unused" not in capsys.readouterr().err

@@ -24,6 +24,7 @@ from . import mechanisms as M
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 MAX_SIDE = 16384  # px; larger targets are refused unless force=True
+MAX_PHASES = 64  # one limit for phases=… and the count a size implies (⌊max(H, W) / base⌋)
 SWITCHES = ("multi_decoder", "view_jitter", "reference_compat", "skip_residual", "local_paths", "dilated_sampling",
             "dilated_blur", "renormalise", "offload_text_encoders", "progress", "force", "distributed", "truncate_prompts")
 
@@ -219,6 +220,8 @@ def _check_phase_sizes(phase_sizes, height, width, phases, reference_compat) -> 
         raise InputError(f"phase_sizes must be a list of (height, width) pairs, got {phase_sizes!r:.80}") from None
     if phases is not None and phases != len(sizes):
         raise InputError(f"phases={phases} but phase_sizes has {len(sizes)} entries; give one of them")
+    if len(sizes) > MAX_PHASES:
+        raise InputError(f"phase_sizes has {len(sizes)} entries, more than {MAX_PHASES} phases; give fewer")
     if not sizes or sizes[-1] != (height, width):
         raise InputError(f"phase_sizes must end with the target (height, width) = ({height}, {width}), got {sizes}")
     for k, (h, w) in enumerate(sizes, start=1):
@@ -267,7 +270,10 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
     width = check_int("width", width, 8, hint=" (pixels)")
     check_size(height, width, base, sw["reference_compat"], sw["force"])
     if phases is not None:
-        phases = check_int("phases", phases, 1, 64, hint="; leave it out for ⌊max(height, width) / base⌋")
+        phases = check_int("phases", phases, 1, MAX_PHASES, hint="; leave it out for ⌊max(height, width) / base⌋")
+    elif phase_sizes is None and M.phase_count(height, width, base) > MAX_PHASES:
+        raise InputError(f"{height}×{width} px at base size {base} makes {M.phase_count(height, width, base)} phases, "
+                         f"more than {MAX_PHASES}; pass phases={MAX_PHASES} (or fewer) or a smaller size")
     sizes = resolve_sizes(height, width, base, phases, phase_sizes, sw["reference_compat"], mech)
     if max(sizes[0]) < base // 2 and not sw["force"] and phase_sizes is None:
         raise InputError(f"phases={len(sizes)} makes phase 1 only {sizes[0][0]}×{sizes[0][1]} px, under half the "
