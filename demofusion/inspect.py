@@ -1,4 +1,5 @@
-"""`demofusion inspect`: what a checkpoint is, from safetensors headers only (no tensor is read).
+"""`demofusion inspect`: what a checkpoint is, from its safetensors headers, then its values (one
+tensor at a time: finite, within float16's range; :mod:`demofusion.inspect_kinds`).
 
 Inspecting runs the loaders' own checks, through the same functions of
 :mod:`demofusion.weights`, so a report is clean exactly when loading would succeed, and
