@@ -189,6 +189,12 @@ def test_each_flag_is_given_what_it_takes(files, capsys, tmp_path, argv, words, 
     assert not (tmp_path / "o").exists()
 
 
+def test_ablate_checks_its_files_too(files, capsys, tmp_path):
+    d, _, _ = files
+    one_error(capsys, ["ablate", *SMALL, "--vae", d / UNET, "--out", tmp_path / "o"], "--vae", "a UNet alone")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_tiny_model_folder_passes_the_checks(files):
     # (a whole run from such a folder: tests/test_inspect.py::test_generate_from_a_model_folder)
     from demofusion.cli.preflight import check_files
