@@ -23,6 +23,7 @@ from .errors import InputError
 
 KINDS = ("bool", "int", "float", "sizes")
 GUIDANCE_MAX = 100.0  # guidance_scale's upper bound, for the API, the CLI and the UI alike
+MAX_PHASES = 64  # one limit for phases=… and the count a size implies (⌊max(H, W) / base⌋)
 
 
 def knob(default, help: str, kind: str, *, lo=None, hi=None, hint: str = "", label: str | None = None,
@@ -233,7 +234,7 @@ class DemoFusionConfig:
     as stride ≤ the window, when a run is validated)."""
 
     phases: int | None = knob(
-        None, "Number of phases; default ⌊max(height, width) / base size⌋.", "int", lo=1, hi=64,
+        None, "Number of phases; default ⌊max(height, width) / base size⌋.", "int", lo=1, hi=MAX_PHASES,
         hint="; leave it out for ⌊max(height, width) / base⌋", always_in_run_id=True)
     phase_sizes: list | None = knob(
         None, "Explicit (height, width) in px of every phase, ending with the target size; default: from the size.",

@@ -46,8 +46,17 @@ def manual_instructions(model: str, target: Path, variant: str | None = None) ->
     repo = REPOS.get(model, "stabilityai/stable-diffusion-xl-base-1.0")
     files = " ".join(allow_patterns(model, variant)) if model in REPOS else "..."
     return (f"download these files of https://huggingface.co/{repo} by hand (browser or "
-            f"`huggingface-cli download {repo} {files} --local-dir {target}`) into {target}/, "
+            f"`hf download {repo} {files} --local-dir {target}`) into {target}/, "
             "keeping the folder layout (see weights/README.md)")
+
+
+def check_target(folder: Path, target: Path) -> None:
+    """The download folder is a folder (or can become one): said before any network access, so a
+    file given as --dir is not reported as a network error."""
+    for p in (folder, target, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise DownloadError(f"--dir {folder}: {p} is a file, not a folder; give a folder for the weights "
+                                "(e.g. --dir weights)")
 
 
 def download(model: str, folder: str | Path = "weights", variant: str | None = None,
@@ -55,6 +64,7 @@ def download(model: str, folder: str | Path = "weights", variant: str | None = N
     """Download ``model`` into ``folder/<model>`` and return that path; DownloadError on failure."""
     patterns = allow_patterns(model, variant, single_file)
     target = Path(folder).expanduser() / model
+    check_target(Path(folder).expanduser(), target)
     try:
         from huggingface_hub import snapshot_download
 

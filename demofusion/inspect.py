@@ -1,4 +1,5 @@
-"""`demofusion inspect`: what a checkpoint is, from safetensors headers only (no tensor is read).
+"""`demofusion inspect`: what a checkpoint is, from its safetensors headers, then its values (one
+tensor at a time: finite, within float16's range; :mod:`demofusion.inspect_kinds`).
 
 Inspecting runs the loaders' own checks, through the same functions of
 :mod:`demofusion.weights`, so a report is clean exactly when loading would succeed, and
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .inspect_kinds import USAGE, check_values, controlnet_report, file_tensors, lora_report, tiny_report
 from .weights import (
     COMPONENT_NAMES,
     SINGLE_FILE_PREFIXES,
@@ -33,6 +35,7 @@ from .weights import (
     safetensors_header,
     word_fit_problems,
 )
+from .weights.kinds import kind_of_keys
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -71,6 +74,8 @@ class ComponentReport:
     note: str = ""
     mismatched: list = field(default_factory=list)  # "key: file (shape) vs model (shape)"
     problems: list = field(default_factory=list)  # one line each, as the loader words them
+    warnings: list = field(default_factory=list)  # loadable, but e.g. float16 would overflow
+    values_checked: bool = False  # every value read (finite: else a problem)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +88,7 @@ class Report:
     layout: str  # "diffusers folder" | "component folder" | "component file" | "single-file" | "unreadable file"
     kind: str
     components: list
+    usage: str = ""  # what it is for and how to use it
 
     def problems(self) -> list[str]:
         """Everything that stops these weights from loading, one line each (no duplicates);
@@ -115,7 +121,11 @@ class Report:
                     more = f" … (+{len(keys) - 8} more)" if len(keys) > 8 else ""
                     lines.append(f"    {len(keys)} {what}: {', '.join(keys[:8])}{more}")
             if c.ok:
-                lines.append("    keys match the model exactly")
+                keys = "every key read as a LoRA pair" if c.name == "lora" else "keys match the model exactly"
+                lines.append(f"    {keys}" + (", values all finite" if c.values_checked else ""))
+            lines += [f"    warning: {w}" for w in c.warnings]
+        if self.usage:
+            lines.append(f"  {self.usage}")
         n = len(self.problems())
         if n:
             lines.append(f"  {n} problem(s): these weights would not load")
@@ -209,6 +219,8 @@ def _component(name: str, file: Path, header: dict, file_problems: list[str], pr
         rep.problems.append(_first_line(e))
     except Exception as e:  # a file too far from any known model: say so, keep the rest of the report
         rep.note = f"key check not possible: {type(e).__name__}: {_first_line(e)}"
+    if not file_problems:
+        check_values(rep, file_tensors(file, prefix))
     return rep
 
 
@@ -251,16 +263,23 @@ def _component_file(path: Path, file: Path, layout: str) -> Report:
     header, problems = safetensors_header(file)
     if header is None:
         return _unreadable(path, file, problems)
+    kind = kind_of_keys(header)
+    if kind in ("lora", "controlnet"):
+        return (lora_report if kind == "lora" else controlnet_report)(path, file, header, problems)
     single = [c for c in COMPONENTS if any(k.startswith(SINGLE_FILE_PREFIXES[c]) for k in header)]
     if single:
         reps = [_component(c, file, header, problems, SINGLE_FILE_PREFIXES[c]) for c in single]
+        reps += [ComponentReport(c, str(file), 0, {}, problems=[f"{file}: no {COMPONENT_NAMES[c]} in this checkpoint "
+                 f"(no {SINGLE_FILE_PREFIXES[c]}… keys); generate needs all four components"])
+                 for c in COMPONENTS if c not in single]
         unet = next((r for r in reps if r.name == "unet"), None)
-        return Report(str(path), "single-file (SGM) checkpoint", _guess_kind(unet, None, path), reps)
+        return Report(str(path), "single-file (SGM) checkpoint", _guess_kind(unet, None, path), reps,
+                      USAGE["checkpoint"].format(path=path) if len(single) == len(COMPONENTS) else "")
     comp = _guess_component(header)
     rep = _component(comp, file, header, problems)
     cfg = _config(file.parent)
     return Report(str(path), f"{layout} ({comp}" + (", diffusers keys)" if layout == "component file" else ")"),
-                  _guess_kind(rep if comp == "unet" else None, cfg, path), [rep])
+                  _guess_kind(rep if comp == "unet" else None, cfg, path), [rep], USAGE[comp].format(path=path))
 
 
 def inspect(path) -> Report:
@@ -270,6 +289,8 @@ def inspect(path) -> Report:
     :meth:`~Report.problems`; :class:`WeightsError` is raised only when there is nothing to
     inspect (no such path, a pickle file, a folder without weights).
     """
+    if str(path) == "tiny" and not Path(path).exists():
+        return tiny_report()
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"{path} does not exist (download weights with `demofusion download sdxl-base --dir weights/`)")
@@ -288,9 +309,13 @@ def inspect(path) -> Report:
             header, problems = safetensors_header(f)
             reps.append(_component(c, f, header, problems) if header is not None
                         else ComponentReport(c, str(f), 0, {}, problems=list(problems)))
+        reps += [ComponentReport(c, str(path / c), 0, {}, problems=[
+            f"{path}: no {c}/ folder; a model folder holds unet/, vae/, text_encoder/ and text_encoder_2/ "
+            "(generate cannot load it without)"]) for c in COMPONENTS if c not in subs]
         unet = next((r for r in reps if r.name == "unet"), None)
         layout = "diffusers folder" + ("" if (path / "model_index.json").is_file() else " (no model_index.json)")
-        return Report(str(path), layout, _guess_kind(unet, _config(path / "unet") if "unet" in subs else None, path), reps)
+        return Report(str(path), layout, _guess_kind(unet, _config(path / "unet") if "unet" in subs else None, path), reps,
+                      USAGE["model"].format(path=path) if len(subs) == len(COMPONENTS) else "")
     f = _weights_in(path)
     if f is None:
         raise WeightsError(f"{path} holds no .safetensors file and no unet/ vae/ text_encoder/ folders")

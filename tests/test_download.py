@@ -94,5 +94,18 @@ def test_offline_fails_cleanly(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not download stabilityai/sdxl-turbo"), r.stderr
-    assert "HF_HUB_OFFLINE" in lines[0] and "huggingface-cli download stabilityai/sdxl-turbo" in lines[0]
+    assert "HF_HUB_OFFLINE" in lines[0] and "`hf download stabilityai/sdxl-turbo" in lines[0]
     assert "unet/diffusion_pytorch_model.safetensors" in lines[0] and "weights/README.md" in lines[0]
+
+
+def test_dir_that_is_a_file_is_said_before_any_network(tmp_path, capsys, monkeypatch):
+    from demofusion.cli import main
+
+    f = tmp_path / "weights"
+    f.write_text("not a folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = main(["download", "sdxl-turbo", "--dir", str(f)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --dir "), err
+    assert "is a file, not a folder" in err[0] and "network" not in err[0] and "Traceback" not in "\n".join(err)
+    assert f.read_text() == "not a folder"

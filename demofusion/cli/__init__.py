@@ -11,7 +11,7 @@ import sys
 
 from ..errors import InputError, NonFiniteError
 from ..outputs import META_KEY, RUN_FILE, read_png_params, save_png
-from . import ranks
+from . import ranks, streams
 from .ablate import cmd_ablate, contact_sheet
 from .args import ABLATIONS, add_config_flags, build_parser
 from .common import CLIError, load_pipeline, model_fingerprint
@@ -71,6 +71,17 @@ def _line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `demofusion` command; a closed stdout (`| head -1`) ends it quietly with exit 141."""
+    streams.ascii_fallback()  # × → x where the terminal's encoding lacks it
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        return streams.closed_pipe()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a bad command line (one line said) → 2; --help / --version → 0
@@ -84,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"error: {_line(e)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout closed by its reader: not an error of the run (main)
+        raise
     except KeyboardInterrupt:
         print("interrupted; finished phases are saved — continue with `demofusion generate --resume OUT`", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from ..outputs import check_output_folder, new_run_folder, save_png, write_json
 from ..config import knobs
 from .args import ABLATIONS, PLACEMENT_KEYS, RUN_KEYS
 from .control import control_kwargs, control_maps
+from .preflight import check_files
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
 
@@ -73,6 +74,7 @@ def cmd_ablate(args) -> int:
     print(f"demofusion: {params['model']} on {params['device']} in {params['dtype']}")
     check_compile(args.compile)
     base = base_size_of(params["model"])
+    check_files(params)  # model, VAE, LoRAs, ControlNets by kind, before any weights load
     cells = ablation_cells(args.grid, args.sweep)
     control = control_kwargs(params, control_maps(params))  # the same ControlNets in every cell
     nets = len(params.get("controlnet") or [])

@@ -130,6 +130,14 @@ def report_work(s, device: str, model: str, layout=None) -> None:
               "each); use --device cuda if you have a GPU", file=sys.stderr)
 
 
+def cpu_dtype_warning(dtype: str) -> str:
+    """Half precision on the CPU: most CPUs have no fast float16 kernels (runs reported 10–40× slower)."""
+    if dtype == "float16":
+        return ("warning: float16 on the CPU is 10–40× slower than float32 (no fast float16 kernels on most CPUs); "
+                "leave out --dtype (float32 is the CPU default)")
+    return f"note: {dtype} on the CPU is slower than float32 on most CPUs; float32 is the CPU default"
+
+
 # ---- loading ----------------------------------------------------------------------------------
 def load_pipeline(params: dict, compile_mode: str | None = None):
     """The run's pipeline: ``params``' model, device, dtype, fp8, VAE, LoRAs, ControlNets and sampler."""
@@ -145,7 +153,7 @@ def load_pipeline(params: dict, compile_mode: str | None = None):
     dt = parse_dtype(check_dtype(dtype, device))
     check_compile(compile_mode)
     if dt != torch.float32 and device == "cpu":
-        print(f"note: {dtype} on CPU is slow and not always supported; float32 is the CPU default", file=sys.stderr)
+        print(cpu_dtype_warning(check_dtype(dtype, device)), file=sys.stderr)
     try:
         pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=bool(params.get("fp8")),
                                                   controlnet=params.get("controlnet"), vae=params.get("vae"),
@@ -205,8 +213,14 @@ def parse_loras(specs) -> list | None:
             path, value = str(spec), 1.0  # a ':' inside the path (Windows drive), no scale
         if not path or not Path(path).expanduser().is_file():
             raise CLIError(f"--lora {spec}: no such file; give FILE or FILE:SCALE (e.g. style.safetensors:0.8)")
-        out.append((path, value))
+        out.append((path, _lora_scale(value, spec)))
     return out
+
+
+def _lora_scale(value: float, spec) -> float:
+    from ..lora import check_scale
+
+    return check_scale(value, f"--lora {spec}: scale")
 
 
 def sampler_name(scheduler) -> str:

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..outputs import (RUN_FILE, check_output_folder, load_latents, new_run_folder, read_png_params, save_latents,
                        save_png, write_json)
 from .args import CONTROL_KEYS, MODEL_KEYS, PLACEMENT_KEYS, RUN_KEYS
+from .preflight import check_files, check_replayed, warn_settings
 from .control import control_hashes, control_kwargs, control_maps, net_hashes
 from .common import (CLIError, _as_flag, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, memory_plan, model_fingerprint, oom_message, parse_loras, peak_memory, report_work,
@@ -109,6 +110,7 @@ def settle_params(args) -> tuple[dict, Path | None, bool]:
     params = defaults()
     if args.from_image:
         source = read_png_params(args.from_image)
+        check_replayed(source, args.from_image)  # untrusted input: each field typed as its flag
         params.update({k: v for k, v in source.items() if k not in (*DERIVED, "device")})
     params.update(_given(args))
     if args.image:
@@ -186,9 +188,12 @@ def cmd_generate(args) -> int:
     image = load_image(params["image"], "--image") if params.get("image") else None
     dry = getattr(args, "dry_run", False)
     control = control_kwargs(params, control_maps(params))  # the maps are read and checked before any weights
-    settings = run_settings(params, base_size_of(params["model"], planning=dry), args.stop_after_phase, image=image,
+    base = base_size_of(params["model"], planning=dry)
+    check_files(params)  # model, VAE, LoRAs, ControlNets: there, readable, of the right kind (headers only)
+    settings = run_settings(params, base, args.stop_after_phase, image=image,
                             controlnets=len(params.get("controlnet") or []), **control)
     params["stride"] = settings.stride
+    warn_settings(params)
     if out is not None and not resuming:
         _prepare_folder(out, args, params, check_only=True)  # a bad --out is said before the weights load
     report_work(settings, params["device"], params["model"])

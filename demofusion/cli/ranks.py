@@ -8,8 +8,24 @@ import sys
 import warnings
 from datetime import timedelta
 
-# a collective waiting longer than this fails (a rank that died without torchrun noticing)
-TIMEOUT_S = int(os.environ.get("DEMOFUSION_DIST_TIMEOUT", "600"))
+DEFAULT_TIMEOUT_S = 600
+
+
+def timeout_s() -> int:
+    """DEMOFUSION_DIST_TIMEOUT (seconds, default 600): a collective waiting longer fails (a rank that
+    died without torchrun noticing). Read when a run joins, not at import, so a bad value is one
+    error line of that run and never breaks `demofusion --version`."""
+    from .common import CLIError
+
+    text = os.environ.get("DEMOFUSION_DIST_TIMEOUT", "").strip() or str(DEFAULT_TIMEOUT_S)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise CLIError(f"DEMOFUSION_DIST_TIMEOUT={text}: give a whole number of seconds > 0 (default "
+                       f"{DEFAULT_TIMEOUT_S}), or unset it")
+    return value
 
 
 def world_size() -> int:
@@ -25,13 +41,14 @@ def join(device: str) -> str:
     import torch
     import torch.distributed as dist
 
+    timeout = timeout_s()  # checked before anything joins
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=TIMEOUT_S))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")

@@ -9,7 +9,8 @@ unload them exactly (docs/lora.md).
     stack.unload(modules, name)            # weights restored bit for bit
 """
 
+from .checks import MAX_SCALE, check_scale
 from .formats import LoRA, LoraError, LoraTarget, parse_lora, read_lora
 from .fuse import LoraStack, fuse_lora
 
-__all__ = ["LoRA", "LoraError", "LoraTarget", "LoraStack", "fuse_lora", "parse_lora", "read_lora"]
+__all__ = ["MAX_SCALE", "check_scale", "LoRA", "LoraError", "LoraTarget", "LoraStack", "fuse_lora", "parse_lora", "read_lora"]

@@ -175,6 +175,7 @@ def parse_lora(tensors: dict, metadata: dict | None = None, source: str = "<LoRA
                         f"{listing(k for k, _ in bad)}; use an SDXL LoRA in the kohya or diffusers layout "
                         "(LoHa, LoKr, DoRA and other LyCORIS variants are not supported)")
     _check_pairs(source, groups)
+    _check_finite(source, groups)
     alphas = _metadata_alphas(metadata or {}, source)
     targets = [_target(comp, module, parts, alphas) for (comp, module), parts in groups.items()]
     return LoRA(targets, source, "kohya" if kohya else "diffusers", name)
@@ -194,10 +195,17 @@ def _check_pairs(source: str, groups: dict) -> None:
            "alphas are not single numbers")
 
 
+def _check_finite(source: str, groups: dict) -> None:
+    """Every value of the file is finite: a NaN/Inf in a LoRA would turn every picture into NaN."""
+    if bad := [key for parts in groups.values() for key, t in parts.values() if not bool(torch.isfinite(t).all())]:
+        raise LoraError(f"{source}: {len(bad)} tensors hold NaN/Inf values: {listing(bad)}; the file is damaged "
+                        "(or was trained into NaN): re-download it or use another LoRA")
+
+
 def _target(component: str, module: str, parts: dict, meta_alpha) -> LoraTarget:
     down, up = parts["down"][1], parts["up"][1]
     if "alpha" in parts:
-        alpha = float(parts["alpha"][1].float().item())
+        alpha = float(parts["alpha"][1].float().item())  # finite: _check_finite
     else:
         alpha = meta_alpha(component, module, down.shape[0])
     keys = tuple(parts[r][0] for r in ("down", "up", "alpha") if r in parts)
@@ -383,6 +391,8 @@ def _metadata_alphas(meta: dict, source: str):
             if any(re.fullmatch(rf"(.*\.)?(?:{pattern})", n) for n in names):
                 a = float(value)
                 break
+        if not math.isfinite(a):
+            raise LoraError(f"{source}: its metadata gives {component} alpha {a}; re-download the file")
         return a * math.sqrt(rank) if cfg.get("use_rslora") else a  # rsLoRA scales by alpha/√rank
 
     return alpha

@@ -27,6 +27,7 @@ from torch import nn
 
 from demofusion.fp8 import FP8_DTYPES
 
+from .checks import check_scale
 from .formats import LoRA, LoraError, LoraTarget, listing, read_lora, sd15_error
 
 Modules = dict  # component name ("unet", "text_encoder", "text_encoder_2") → nn.Module
@@ -51,6 +52,7 @@ def fuse_lora(modules: Modules, lora: LoRA | str | os.PathLike, scale: float = 1
     Not undoable by itself: use :class:`LoraStack` to unload. Raises :class:`LoraError` (and
     changes nothing) when a target is missing, mis-shaped, or stored in fp8.
     """
+    scale = check_scale(scale)
     if not isinstance(lora, LoRA):
         lora = read_lora(lora)
     for p in plan(modules, lora):
@@ -179,6 +181,7 @@ class LoraStack:
              name: str | None = None) -> str:
         """Fuse ``lora`` (a :class:`LoRA` or a file path) with ``scale``; returns its name
         (``name``, else the file's stem, made unique with ``-2``, ``-3``…)."""
+        scale = check_scale(scale)  # finite, within ±MAX_SCALE: checked before the file is read
         if not isinstance(lora, LoRA):
             lora = read_lora(lora)
         if name is None:

@@ -14,7 +14,15 @@ def gaussian_kernel1d(size: int, std: float | torch.Tensor, dtype=torch.float32,
     x = torch.arange(size, dtype=dtype, device=device)
     if isinstance(std, torch.Tensor):  # 2σ² in ≥ float32, as a Python number would be used
         std = std.to(torch.promote_types(dtype, torch.float32))
-    g = torch.exp(-((x - (size - 1) / 2) ** 2) / (2 * std**2))
+    two_var = 2 * std**2
+    # a σ so small that 2σ² underflows to 0 would give 0/0 = NaN at the centre: its limit is the
+    # identity kernel (1 at the centre, 0 elsewhere), which the smallest normal 2σ² gives exactly;
+    # every σ whose 2σ² is representable keeps its bits
+    if isinstance(two_var, torch.Tensor):
+        two_var = two_var.clamp_min(torch.finfo(two_var.dtype).tiny)
+    else:
+        two_var = max(two_var, torch.finfo(dtype).tiny)
+    g = torch.exp(-((x - (size - 1) / 2) ** 2) / two_var)
     return g / g.sum()
 
 

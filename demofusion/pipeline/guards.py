@@ -18,7 +18,10 @@ _NEVER = 2**31 - 1
 def likely_cause(dtype: torch.dtype) -> str:
     if dtype == torch.float16:
         return "likely an fp16 overflow in the UNet: try dtype bfloat16 or float32 (--dtype bfloat16)"
-    return "likely weights that give non-finite outputs: check them with `demofusion inspect`"
+    # settings are checked to their documented ranges (σ, LoRA scales …), so what remains is rarer:
+    # name both, the settings first (a run with the defaults tells them apart)
+    return ("an extreme setting or damaged weights: try the default settings, and check the weights' values "
+            "with `demofusion inspect`")
 
 
 class FiniteWatch:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..config import (GUIDANCE_MAX, DemoFusionConfig, check_bool, check_float, check_int, knobs, split_overrides,
+from ..config import (GUIDANCE_MAX, MAX_PHASES, DemoFusionConfig, check_bool, check_float, check_int, knobs, split_overrides,
                       with_overrides)
 from ..errors import InputError
 from ..memory.plan import parse_budget
@@ -190,6 +190,8 @@ def _check_phase_sizes(phase_sizes, height, width, phases, reference_compat) -> 
         raise InputError(f"phase_sizes must be a list of (height, width) pairs, got {phase_sizes!r:.80}") from None
     if phases is not None and phases != len(sizes):
         raise InputError(f"phases={phases} but phase_sizes has {len(sizes)} entries; give one of them")
+    if len(sizes) > MAX_PHASES:
+        raise InputError(f"phase_sizes has {len(sizes)} entries, more than {MAX_PHASES} phases; give fewer")
     if not sizes or sizes[-1] != (height, width):
         raise InputError(f"phase_sizes must end with the target (height, width) = ({height}, {width}), got {sizes}")
     for k, (h, w) in enumerate(sizes, start=1):
@@ -245,6 +247,9 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
     height = check_int("height", height, 8, hint=" (pixels)")
     width = check_int("width", width, 8, hint=" (pixels)")
     check_size(height, width, base, sw["reference_compat"], sw["force"])
+    if cfg.phases is None and cfg.phase_sizes is None and M.phase_count(height, width, base) > MAX_PHASES:
+        raise InputError(f"{height}×{width} px at base size {base} makes {M.phase_count(height, width, base)} phases, "
+                         f"more than {MAX_PHASES}; pass phases={MAX_PHASES} (or fewer) or a smaller size")
     sizes = resolve_sizes(height, width, base, cfg.phases, cfg.phase_sizes, sw["reference_compat"], mech)
     if max(sizes[0]) < base // 2 and not sw["force"] and cfg.phase_sizes is None:
         raise InputError(f"phases={len(sizes)} makes phase 1 only {sizes[0][0]}×{sizes[0][1]} px, under half the "
