@@ -229,6 +229,14 @@ def _set(pg, prompt=None, **numbers):
         box.press("Tab")  # gradio takes a number's value on blur
 
 
+def _final_size(pg) -> list:
+    """The final image's pixel size, once the browser has loaded it."""
+    pg.wait_for_function("() => { const i = document.querySelector('#df-final img'); "
+                         "return i && i.complete && i.naturalWidth > 0; }")
+    return pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
+                       "return [i.naturalWidth, i.naturalHeight]; }")
+
+
 def _wait_text(pg, selector, *words, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -276,9 +284,7 @@ def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_p
     assert firsts[1]["t"] < firsts[2]["t"] < firsts[3]["t"], log
     assert firsts[1]["captions"][:1] == ["Phase 1"] and not firsts[1]["final"], log
     assert [e for e in log if e["final"]] and min(e["t"] for e in log if e["final"]) > firsts[1]["t"], log
-    size = pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
-                       "return [i.naturalWidth, i.naturalHeight]; }")
-    assert size == [768, 512]
+    assert _final_size(pg) == [768, 512]
     # the download is the PNG with the CLI's metadata
     with pg.expect_download() as dl:
         pg.click("#df-download")
@@ -323,8 +329,7 @@ def test_ui_stop_keeps_phase_one_then_generates_again(page, server):
     _wait_text(pg, "#df-progress", "Done", "Failed")
     message = pg.locator("#df-message").inner_text()
     assert "Done" in message
-    assert pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
-                       "return [i.naturalWidth, i.naturalHeight]; }") == [256, 256]
+    assert _final_size(pg) == [256, 256]
     final = next(w.strip("`.") for w in message.split() if w.strip("`.").endswith("phase_1.png"))
     assert read_png_params(server[1] / final)["seed"] == 9007199254740993
     # a seed that is not a whole number: said in the page, nothing run
