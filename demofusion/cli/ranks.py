@@ -55,7 +55,7 @@ def leave() -> None:
 # ---- one message per job: a failure is said by rank 0 alone ---------------------------------------
 # How long a rank waits for another's word after a failure: ranks failing alike (the same arguments,
 # the same latents after every gather, the same Ctrl-C) reach their handlers within a step of each other.
-SETTLE_S = 5.0
+SETTLE_S = 10.0
 
 
 def _store():
@@ -82,10 +82,21 @@ def _wait(store, keys: list[str]) -> bool:
         return False
 
 
-def _say(store, line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-    if store is not None:
-        store.set("said", line)
+def _ask(call, default=None):
+    """A store call that cannot fail the error path (torchrun may be stopping and its store with it)."""
+    try:
+        return call()
+    except Exception:
+        return default
+
+
+def _named(rank: int, line: str) -> str:
+    head, sep, rest = line.partition("error: ")
+    return f"error: rank {rank}: {rest}" if sep and not head else f"rank {rank}: {line}"
+
+
+def _same(store, code: int, line: str) -> bool:
+    return _wait(store, ["0"]) and store.get("0").decode() == f"{code}\n{line}"
 
 
 def _exit(code: int, signum, frame) -> None:
@@ -112,19 +123,19 @@ def fail(code: int, line: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     store = _store()
     if store is None:
-        _say(None, line)
+        print(line, file=sys.stderr, flush=True)
         return code
     _keep_code(code)
-    if store.check(["said"]):
+    if _ask(lambda: store.check(["said"]), False):
         return code
     if rank == 0:  # say it, then let the others exit with this code before torchrun stops them
-        _say(store, line)
-        store.set("0", f"{code}\n{line}")
+        print(line, file=sys.stderr, flush=True)
+        _ask(lambda: (store.set("said", line), store.set("0", f"{code}\n{line}")))
         _wait(store, [f"seen{r}" for r in range(1, world_size())])
         return code
-    alike = _wait(store, ["0"]) and store.get("0").decode() == f"{code}\n{line}"
-    if not alike and not store.check(["said"]):
-        head, sep, rest = line.partition("error: ")
-        _say(store, f"error: rank {rank}: {rest}" if sep and not head else f"rank {rank}: {line}")
-    store.set(f"seen{rank}", "1")
+    if not _ask(lambda: _same(store, code, line), False) and \
+            not _ask(lambda: store.check(["said"]), False):
+        print(_named(rank, line), file=sys.stderr, flush=True)
+        _ask(lambda: store.set("said", line))
+    _ask(lambda: store.set(f"seen{rank}", "1"))
     return code
