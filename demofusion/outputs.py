@@ -236,18 +236,21 @@ def _listing(names: list[str], show: int = 3) -> str:
     return ", ".join(names[:show] + (["…"] if len(names) > show else []))
 
 
-def check_output_folder(out, overwrite: bool, option: str = "--out", create: bool = True) -> None:
+def check_output_folder(out, overwrite: bool, option: str = "--out", create: bool = True,
+                        resumable: bool = True) -> None:
     """Make sure ``out`` is a writable folder we may write into; create it if missing (with
     ``create=False`` only check that it could be: nothing is written). Hidden files
-    (``.DS_Store``, a leftover ``.x.tmp-…``) do not count as files."""
+    (``.DS_Store``, a leftover ``.x.tmp-…``) do not count as files. ``resumable``: the command has
+    ``--resume`` (so the refusal may advise it)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} {out}: is a file; give a folder")
     if out.is_dir():
         names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
         if names and not overwrite:
+            resume = f", --resume {out} to continue that run," if resumable else ""
             raise InputError(f"{option} {out} already holds files ({_listing(names)}); pass --overwrite to "
-                             f"replace them, --resume {out} to continue that run, or another {option}")
+                             f"replace them{resume} or another {option}")
     problem = "is not writable" if out.is_dir() else "cannot create it"
     if not create and not out.exists():
         parent = next(p for p in out.absolute().parents if p.exists())

@@ -11,6 +11,7 @@ torchrun's workers do. A rank that fails stops the whole job, quickly, with its 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,10 +86,52 @@ def test_api_under_torchrun_is_bit_identical_on_every_rank(tmp_path, kind):
             assert all(torch.equal(a, b) for a, b in zip(got["images"], ref["images"])), (n, rank)
 
 
-def test_a_failing_rank_stops_the_job(tmp_path):
+def error_lines(r: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("error:")]
+
+
+def only_torchruns_traceback(r: subprocess.CompletedProcess) -> bool:
+    """torchrun itself ends a failed job with its ChildFailedError / SignalException traceback
+    (docs/distributed.md); no rank adds one."""
+    return r.stderr.count("Traceback (most recent call last)") == 1 and r.stderr.count('File "<frozen runpy>", line 198') == 1
+
+
+def test_a_failing_rank_stops_the_job_and_says_why(tmp_path):
     r = torchrun(2, HELPERS / "dist_fail.py", *RUN, "--out", tmp_path / "run", timeout=120)
     assert r.returncode != 0
-    assert "injected failure on rank 1" in r.stdout + r.stderr
+    # rank 0 is not failing (it waits in a collective), so rank 1 says its own error, naming itself
+    assert error_lines(r) == ["error: rank 1: internal error (RuntimeError: injected failure on rank 1); run again "
+                              "with --debug for the traceback and please report it"]
+    assert only_torchruns_traceback(r)
+
+
+def test_bad_input_under_torchrun_is_said_once_and_every_rank_exits_2(tmp_path):
+    r = torchrun(2, "-m", "demofusion", *RUN, "--steps", "0", "--out", tmp_path / "run", timeout=120)
+    assert error_lines(r) == ["error: --steps must be 1..1000, got 0"]  # rank 0's; rank 1 is quiet
+    assert only_torchruns_traceback(r) and "ChildFailedError" in r.stderr
+    # torchrun's summary lists each rank's own code; torchrun itself always exits 1
+    assert re.findall(r"^ +exitcode +: (-?\d+)", r.stderr, re.M) == ["2", "2"] and r.returncode == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_under_torchrun_is_said_once_and_every_rank_exits_130(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           HELPERS / "dist_exit.py", tmp_path, *RUN, "--steps", "4", "--out", out]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    for line in p.stdout:  # Ctrl-C in a terminal reaches torchrun, which passes SIGINT on to every rank
+        if line.startswith("phase 1:"):
+            p.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = p.communicate(timeout=120)
+    said = [ln for ln in (stdout + stderr).splitlines() if ln.startswith(("interrupted", "error:"))]
+    assert said == [f"interrupted; finished phases are saved in {out} — continue with `demofusion generate "
+                    f"--resume {out}`"]
+    assert [(tmp_path / f"rank{r}.code").read_text() for r in (0, 1)] == ["130", "130"]
+    assert stderr.count("Traceback (most recent call last)") == 1 and "SignalException" in stderr  # torchrun's
+    assert (out / "phase_1.png").is_file() and not (out / "phase_3.png").exists()
 
 
 # ---- --prompts: one image per line, sharded across ranks, resumable -------------------------------

@@ -271,9 +271,17 @@ def _set(pg, prompt=None, **numbers):
     if prompt is not None:
         pg.fill("#df-prompt textarea", prompt)
     for name, value in numbers.items():
-        box = pg.locator(f"#df-{name} input")
+        box = pg.locator(f"#df-{name} input, #df-{name} textarea").first  # the Seed is a text box
         box.fill(str(value))
         box.press("Tab")  # gradio takes a number's value on blur
+
+
+def _final_size(pg) -> list:
+    """The final image's pixel size, once the browser has loaded it."""
+    pg.wait_for_function("() => { const i = document.querySelector('#df-final img'); "
+                         "return i && i.complete && i.naturalWidth > 0; }")
+    return pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
+                       "return [i.naturalWidth, i.naturalHeight]; }")
 
 
 def _wait_text(pg, selector, *words, timeout=120):
@@ -286,6 +294,14 @@ def _wait_text(pg, selector, *words, timeout=120):
     raise AssertionError(f"{selector} never said {words}: {pg.locator(selector).inner_text()!r}")
 
 
+SEED_MAX = 2**64 - 1
+# each kept phase's thumbnail and caption, and whether both lie inside the gallery's scroll box
+KEPT_PHASES = """() => { const box = document.querySelector('#df-phases .grid-wrap').getBoundingClientRect();
+  const inside = r => r.top >= box.top - 1 && r.bottom <= box.bottom + 1 && r.left >= box.left - 1 && r.right <= box.right + 1;
+  return [...document.querySelectorAll('#df-phases .thumbnail-item')].map(t => {
+    const c = t.querySelector('.caption-label');
+    return {caption: c ? c.innerText : '', inside: inside(t.getBoundingClientRect()) && !!c && inside(c.getBoundingClientRect())};
+  }); }"""
 WATCH = """() => { window.dfLog = []; let last = '';
   window.dfTimer = setInterval(() => {
     const phases = [...document.querySelectorAll('#df-phases img')].length;
@@ -300,7 +316,7 @@ def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_p
     t0 = time.time()
     pg = page
     pg.evaluate(WATCH)
-    _set(pg, "a lighthouse at dawn", height=512, width=768, num_inference_steps=2)
+    _set(pg, "a lighthouse at dawn", height=512, width=768, num_inference_steps=2, seed=SEED_MAX)
     pg.click("#df-generate")
     _wait_text(pg, "#df-progress", "Done", "Failed")
     log = pg.evaluate("() => { clearInterval(window.dfTimer); return window.dfLog; }")
@@ -315,9 +331,7 @@ def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_p
     assert firsts[1]["t"] < firsts[2]["t"] < firsts[3]["t"], log
     assert firsts[1]["captions"][:1] == ["Phase 1"] and not firsts[1]["final"], log
     assert [e for e in log if e["final"]] and min(e["t"] for e in log if e["final"]) > firsts[1]["t"], log
-    size = pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
-                       "return [i.naturalWidth, i.naturalHeight]; }")
-    assert size == [768, 512]
+    assert _final_size(pg) == [768, 512]
     # the download is the PNG with the CLI's metadata
     with pg.expect_download() as dl:
         pg.click("#df-download")
@@ -326,6 +340,7 @@ def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_p
     params = read_png_params(png)
     assert (params["prompt"], params["height"], params["width"], params["num_inference_steps"], params["phase"]) == \
         ("a lighthouse at dawn", 512, 768, 2, 3)
+    assert params["seed"] == SEED_MAX  # the documented maximum, exactly
     assert Image.open(png).size == (768, 512)
     assert pg.locator("#df-history img").count() >= 1
     _screenshot(pg, tmp_path)
@@ -374,13 +389,23 @@ def test_ui_stop_keeps_phase_one_then_generates_again(page, server):
     assert "Phase 1" in captions and "Phase 3" not in captions, captions
     assert pg.locator("#df-phases img").count() in (1, 2)
     assert pg.locator("#df-final img").count() == 0
-    # a second run afterwards works
-    _set(pg, height=256, width=256, num_inference_steps=2)
+    # every kept phase is drawn whole, its caption under it, inside the gallery's box (not cut off)
+    boxes = pg.evaluate(KEPT_PHASES)
+    assert boxes and all(b["inside"] and b["caption"].startswith("Phase ") for b in boxes), boxes
+    # a second run afterwards works, and a seed above 2**53 runs as itself (not rounded by the browser)
+    _set(pg, height=256, width=256, num_inference_steps=2, seed=2**53 + 1)
     pg.click("#df-generate")
     _wait_text(pg, "#df-progress", "Done", "Failed")
-    assert "Done" in pg.locator("#df-message").inner_text()
-    assert pg.evaluate("() => { const i = document.querySelector('#df-final img'); "
-                       "return [i.naturalWidth, i.naturalHeight]; }") == [256, 256]
+    message = pg.locator("#df-message").inner_text()
+    assert "Done" in message
+    assert _final_size(pg) == [256, 256]
+    final = next(w.strip("`.") for w in message.split() if w.strip("`.").endswith("phase_1.png"))
+    assert read_png_params(server[1] / final)["seed"] == 9007199254740993
+    # a seed that is not a whole number: said in the page, nothing run
+    _set(pg, seed="1e5")
+    pg.click("#df-generate")
+    text = _wait_text(pg, "#df-message", "Error", timeout=30)
+    assert "Seed must be a whole number 0 … 18446744073709551615, got '1e5'" in text, text
 
 
 def _screenshot(pg, tmp_path):

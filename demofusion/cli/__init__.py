@@ -90,21 +90,17 @@ def _main(argv: list[str] | None) -> int:
     try:
         return COMMANDS[args.command](args)
     except InputError as e:  # CLIError, WeightsError and every validation error
-        print(f"error: {_line(e)}", file=sys.stderr)
-        return 2
+        return ranks.fail(2, f"error: {_line(e)}")
     except NonFiniteError as e:
-        print(f"error: {_line(e)}", file=sys.stderr)
-        return 1
+        return ranks.fail(1, f"error: {_line(e)}")
     except BrokenPipeError:  # stdout closed by its reader: not an error of the run (main)
         raise
     except KeyboardInterrupt:
-        print("interrupted; finished phases are saved — continue with `demofusion generate --resume OUT`", file=sys.stderr)
-        return 130
+        return ranks.fail(130, "interrupted; finished phases are saved — continue with `demofusion generate --resume OUT`")
     except Exception as e:  # a bug of ours: one line, the traceback on request
         if debug:
             raise
-        print(f"error: internal error ({type(e).__name__}: {_line(e)}); run again with --debug for the traceback "
-              "and please report it", file=sys.stderr)
-        return 1
+        return ranks.fail(1, f"error: internal error ({type(e).__name__}: {_line(e)}); run again with --debug for the "
+                          "traceback and please report it")
     finally:
         ranks.leave()  # under torchrun: leave the process group

@@ -85,10 +85,10 @@ def cmd_ablate(args) -> int:
             raise CLIError(f"cell {name}: {e}") from None
     params["stride"] = run_settings(params, base, controlnets=nets, **control).stride  # recorded as resolved
     if args.out is not None:
-        check_output_folder(args.out, args.overwrite, create=False)  # said before the weights load
+        check_output_folder(args.out, args.overwrite, create=False, resumable=False)  # said before the weights load
     pipe = load_pipeline(params, args.compile)
     out = new_run_folder("out", params["seed"]) if args.out is None else Path(args.out)
-    check_output_folder(out, args.overwrite)
+    check_output_folder(out, args.overwrite, resumable=False)
     base_params = {**params, "model_hash": model_fingerprint(pipe, params["model"]),
                    "sampler": sampler_name(pipe.scheduler)}
     record = {"base": base_params, "cells": []}

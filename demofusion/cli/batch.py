@@ -12,7 +12,6 @@ run id.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..outputs import read_png_params, save_png, write_json
@@ -84,9 +83,8 @@ def cmd_prompts(args, params: dict, run_id) -> int:
                           truncate_prompts=bool(p.get("truncate_prompts")))
             save_png(result.images[-1], path, {**p, "phase": len(result.images)})  # atomic: whole or absent
         except KeyboardInterrupt:
-            print(f"interrupted; the finished images are in {out} — run the same command again to make the rest",
-                  file=sys.stderr)
-            return 130
+            return ranks.fail(130, f"interrupted; the finished images are in {out} — run the same command again "
+                              "to make the rest")  # said once, by rank 0
         made += 1
         print(f"{path} ({i + 1}/{len(prompts)}): {prompt[:60]}")  # rank 0's lines (the others are quiet)
     if world > 1:

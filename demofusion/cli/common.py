@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, reword
 from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
 
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
@@ -105,17 +104,14 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
     return s
 
 
+# the API's argument names → the command line's words (errors.reword); None: no such flag, so no advice to set it
 FLAGS = {**{k: f"--{k.replace('_', '-')}" for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, "num_inference_steps": "--steps",
-         "guidance_scale": "--guidance", **CONTROL_FLAGS}
+         "guidance_scale": "--guidance", **CONTROL_FLAGS, "force": "--force", "base_size": None}
 
 
 def _as_flag(message: str) -> str:
     """Name arguments as the command line spells them (num_inference_steps → --steps …)."""
-    message = re.sub(r"\b([a-z_0-9]+)=(?=[\w(\[-])", lambda m: f"{FLAGS[m[1]]} " if m[1] in FLAGS else m[0], message)
-    head = re.match(r"\w+", message)
-    if head and head.group() in FLAGS:
-        message = FLAGS[head.group()] + message[head.end():]
-    return message.replace("force=True", "--force")
+    return reword(message, FLAGS)
 
 
 def report_work(s, device: str, model: str, layout=None) -> None:
@@ -210,6 +206,9 @@ def parse_loras(specs) -> list | None:
         try:
             value = float(scale)
         except ValueError:
+            if Path(path).expanduser().is_file() and not Path(str(spec)).expanduser().is_file():
+                raise CLIError(f"--lora {spec}: the scale {scale!r} is not a number; give FILE:SCALE "
+                               "(e.g. style.safetensors:0.8)") from None
             path, value = str(spec), 1.0  # a ':' inside the path (Windows drive), no scale
         if not path or not Path(path).expanduser().is_file():
             raise CLIError(f"--lora {spec}: no such file; give FILE or FILE:SCALE (e.g. style.safetensors:0.8)")

@@ -250,9 +250,8 @@ def cmd_generate(args) -> int:
         print(f"stopped after phase {s.args[0]} as asked; continue with `demofusion generate --resume {out}`")
         return 0
     except KeyboardInterrupt:
-        print(f"interrupted; finished phases are saved in {out} — continue with "
-              f"`demofusion generate --resume {out}`", file=sys.stderr)
-        return 130
+        return ranks.fail(130, f"interrupted; finished phases are saved in {out} — continue with "
+                          f"`demofusion generate --resume {out}`")  # under torchrun said once, by rank 0
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         if is_oom(e):
             raise CLIError(oom_message(e)) from e

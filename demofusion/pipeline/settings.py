@@ -207,11 +207,11 @@ def check_size(height: int, width: int, base: int, reference_compat: bool, force
         if v % 8:
             raise InputError(f"{name}={v} is not a multiple of 8; use e.g. {name}={v // 8 * 8} or {-(-v // 8) * 8}")
     if min(height, width) < base and not reference_compat:
-        raise InputError(f"height and width must be at least the base size {base} px (got {height}×{width}); "
-                         "pass base_size= for a smaller base, or a larger target")
+        raise InputError(f"height={height}, width={width}: both must be at least the base size {base} px; "
+                         "give a larger target; or pass base_size= for a smaller base")
     if max(height, width) > MAX_SIDE and not force:
-        raise InputError(f"{height}×{width} px is beyond {MAX_SIDE} px a side (days of work, terabytes of latents "
-                         "traffic); pass force=True if you really mean it")
+        raise InputError(f"height={height}, width={width}: beyond {MAX_SIDE} px a side (days of work, terabytes of "
+                         "latents traffic); pass force=True if you really mean it")
 
 
 # ---- the one entry point ----------------------------------------------------------------------
@@ -252,8 +252,9 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
                          f"more than {MAX_PHASES}; pass phases={MAX_PHASES} (or fewer) or a smaller size")
     sizes = resolve_sizes(height, width, base, cfg.phases, cfg.phase_sizes, sw["reference_compat"], mech)
     if max(sizes[0]) < base // 2 and not sw["force"] and cfg.phase_sizes is None:
-        raise InputError(f"phases={len(sizes)} makes phase 1 only {sizes[0][0]}×{sizes[0][1]} px, under half the "
-                         f"base size {base} (SDXL draws nothing useful there); use fewer phases or pass force=True")
+        raise InputError(f"phases={len(sizes)} makes phase 1 only {sizes[0][1]}×{sizes[0][0]} px (width × height), "
+                         f"under half the base size {base} (SDXL draws nothing useful there); use fewer phases; "
+                         "or pass force=True")
     if not (cfg.local_paths or cfg.dilated_sampling):
         raise InputError("at least one path must denoise, but local_paths and dilated_sampling are both off")
     flat = {f.name for f in fields(Settings)}

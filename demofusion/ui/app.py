@@ -123,7 +123,9 @@ def build_app(pipe_or_model="tiny", *, controlnet: str | None = None, device: st
                     fields["num_inference_steps"] = _number("num_inference_steps", DEFAULTS["num_inference_steps"])
                     fields["guidance_scale"] = _number("guidance_scale", DEFAULTS["guidance_scale"], step=0.1)
                 with gr.Row(equal_height=True):
-                    fields["seed"] = _number("seed", DEFAULTS["seed"], precision=0)
+                    # text, not a number: the browser's numbers are doubles, which round seeds above 2**53
+                    fields["seed"] = gr.Textbox(str(DEFAULTS["seed"]), label=LABELS["seed"], info=HELP["seed"],
+                                                elem_id="df-seed", max_lines=1)
                     dice = gr.Button("Random seed", elem_id="df-random-seed", scale=0, size="sm")
                 with gr.Accordion("DemoFusion knobs", open=False):
                     for k in knobs():  # one control per DemoFusionConfig field (ui/knobs.py)
@@ -137,8 +139,10 @@ def build_app(pipe_or_model="tiny", *, controlnet: str | None = None, device: st
             with gr.Column(scale=6):
                 progress = gr.HTML(progress_html(0, "Idle. One generation at a time: others wait in the queue "
                                                     "(their position shows here)."), elem_id="df-progress")
-                phases = gr.Gallery(label="Phases (each shown as it ends)", columns=4, height=260,
-                                    elem_id="df-phases", **_kw(gr.Gallery.__init__, object_fit="contain"))
+                # four columns however many phases (fitted to one, a single phase overflowed the height and
+                # lost its caption below the fold)
+                phases = gr.Gallery(label="Phases (each shown as it ends)", columns=4, height=260, elem_id="df-phases",
+                                    **_kw(gr.Gallery.__init__, object_fit="contain", fit_columns=False))
                 compare, final = _compare_and_final()
                 download = gr.DownloadButton("Download PNG (with its metadata)", value=None, interactive=False,
                                              elem_id="df-download")
@@ -162,7 +166,7 @@ def build_app(pipe_or_model="tiny", *, controlnet: str | None = None, device: st
         go.click(generate, inputs={*fields.values(), history}, outputs=outputs,
                  **_kw(go.click, show_progress="full", show_progress_on=[progress]))
         stop.click(stop_run, None, message, queue=False)
-        dice.click(lambda: random.randrange(2**32), None, fields["seed"], queue=False)
+        dice.click(lambda: str(random.randrange(2**32)), None, fields["seed"], queue=False)
         for tab, name in tabs:
             tab.select(lambda name=name: name, None, mode, queue=False)
         size_inputs = [fields[k] for k in ("picture", "scale", "size_from_picture", "height", "width")]

@@ -103,15 +103,20 @@ def page_value(k: Knob, raw):
 _ESCAPE = re.compile(r"([\\`*_\[\]<>#|])")
 
 
-def in_page_words(message: str) -> str:
-    """A pipeline/CLI error in the page's words: ``width=500`` → ``Width 500``, ``--scale`` → ``Scale``."""
-    message = re.sub(r"\b([a-z_0-9]+)=(?=[\w(\[-])", lambda m: f"{LABELS[m[1]]} " if m[1] in LABELS else m[0], message)
-    for flag, label in FLAG_LABELS.items():
-        message = re.sub(rf"{re.escape(flag)}\b", label, message)
-    head = re.match(r"[a-z_0-9]+", message)
-    if head and head.group() in LABELS:
-        message = LABELS[head.group()] + message[head.end():]
-    return message
+# the API's arguments the page has no control for: their advice is left out of its messages
+NOT_IN_PAGE = {"force": None, "base_size": None, "phases": None}
+
+
+def in_page_words(message: str, uploads=()) -> str:
+    """A pipeline/CLI error in the page's words (errors.reword with LABELS and FLAG_LABELS): ``width=500``
+    → ``Width 500``, ``--scale`` → ``Scale``, no advice to pass ``force=True``; ``uploads``: the server's
+    temporary paths of uploaded files, named by their file names."""
+    from pathlib import Path
+
+    from ..errors import reword
+
+    names = {str(p): Path(p).name for p in uploads if p}
+    return reword(message, {**LABELS, **FLAG_LABELS, **NOT_IN_PAGE, **names})
 
 
 def markdown_text(text: str) -> str:

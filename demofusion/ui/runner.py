@@ -96,7 +96,7 @@ class PageBase:
     width: float | None = None
     num_inference_steps: float | None = 50
     guidance_scale: float | None = 7.5
-    seed: float | None = 0
+    seed: str | int | None = "0"  # text in the page: a browser's numbers round above 2**53
     max_memory: str = ""
     picture: str | None = None  # image to image: the uploaded file
     scale: float | None = 2.0
@@ -137,7 +137,12 @@ def edges(path, low, high):
     try:
         return canny(path, check_int("Canny low", low, 0, 1000), check_int("Canny high", high, 0, 1000))
     except InputError as e:
-        raise InputError(in_page_words(str(e))) from None
+        raise InputError(in_page_words(str(e), [path])) from None
+
+
+def uploads(page: "Page") -> list:
+    """The page's uploaded files (the server's temporary paths, never shown: the page names them by file name)."""
+    return [page.picture, page.control_picture, page.control_map]
 
 
 def prepare(model: Model, page: Page) -> Plan:
@@ -145,7 +150,18 @@ def prepare(model: Model, page: Page) -> Plan:
     try:
         return _prepare(model, page)
     except InputError as e:
-        raise InputError(in_page_words(str(e).splitlines()[0])) from None
+        raise InputError(in_page_words(str(e).splitlines()[0], uploads(page))) from None
+
+
+def seed_of(text) -> int:
+    """The Seed box's text → the seed, exactly (digits only: no sign, no exponent, no rounding)."""
+    value = str(text if text is not None else "").strip()
+    if not value.isdecimal() or not value.isascii():
+        raise InputError(f"Seed must be a whole number 0 … {SEED_MAX}, got {value!r}")
+    return int(value)
+
+
+SEED_MAX = 2**64 - 1  # the pipeline's range (docs/pipeline.md)
 
 
 def _prepare(model: Model, page: Page) -> Plan:
@@ -159,7 +175,8 @@ def _prepare(model: Model, page: Page) -> Plan:
     params = defaults() | {
         "model": model.name, "device": model.device, "dtype": model.dtype, "prompt": page.prompt or "",
         "negative_prompt": page.negative_prompt or None, "height": page.height, "width": page.width,
-        **{k: getattr(page, k) for k in ("num_inference_steps", "guidance_scale", "seed")},
+        "seed": seed_of(page.seed),
+        **{k: getattr(page, k) for k in ("num_inference_steps", "guidance_scale")},
         **{k.name: page_value(k, getattr(page, k.name)) for k in knobs()},  # refused as the CLI does, never replaced
         "max_memory": (page.max_memory or "").strip() or None,
         "controlnet": [model.controlnet] if page.mode == "control" else None}
@@ -233,4 +250,4 @@ def target_size(picture, scale, size_from_picture: bool, height, width) -> str:
         times = scale if scale is not None else 2
         return f"Picture {im.width}×{im.height} px × {times} → {p['width']}×{p['height']} px."
     except InputError as e:
-        return in_page_words(str(e))
+        return in_page_words(str(e), [picture])

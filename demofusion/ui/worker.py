@@ -117,7 +117,7 @@ class Run:
         except Stopped:
             self.events.put(("stopped",))
         except (InputError, NonFiniteError) as e:
-            self.events.put(("error", in_page_words(_line(e))))
+            self.events.put(("error", in_page_words(_line(e), self.plan.inputs.values())))
         except Exception as e:  # noqa: BLE001 - the page says one line; the server log has the traceback
             traceback.print_exc(file=sys.stderr)
             msg = oom_message(e) if is_oom(e) else \
