@@ -84,7 +84,8 @@ def no_overlap(s, k):
 
 def test_a_swapped_view_layout_is_what_the_run_the_work_line_and_the_planner_count(capsys):
     base = small_pipeline("sdxl")
-    pipe = DemoFusionPipeline(base.unet, base.vae, base.text, base.scheduler, mechanisms=Mechanisms(view_layout=no_overlap))
+    pipe = DemoFusionPipeline(base.unet, base.vae, base.text, base.scheduler,
+                              mechanisms=Mechanisms(view_layout=no_overlap))
     kw = dict(height=384, width=256, num_inference_steps=1, view_batch_size=1)
     window = base.unet.config.sample_size  # 16 latents
     s = pipe.validate("a castle", **kw)

@@ -251,8 +251,7 @@ class MultiViewDenoiser:
         self.model, self.mech, self.s, self.k, self.policy = model, mech, s, k, policy
         self.images, self.generator = images, generator
         self.layout = mech.view_layout(s, k)
-        sched = model.scheduler
-        self.T = sched.config.get("num_train_timesteps", 1000)
+        self.T = model.scheduler.config.get("num_train_timesteps", 1000)
 
     def cut(self, z: torch.Tensor, c: torch.Tensor) -> list[Views]:
         mech, s, out = self.mech, self.s, []
