@@ -123,3 +123,27 @@ def test_model_sigma_choice_follows_unless_asked():
     assert S.by_name("dpm++2m", karras_model, sigmas="exponential").config["use_exponential_sigmas"] is True
     assert S.by_name("dpm++2m", karras_model, sigmas="exponential").config["use_karras_sigmas"] is False
     S.by_name("ddim", karras_model).set_timesteps(4)  # the model's σ choice means nothing to DDIM
+
+
+def test_a1111_names_round_trip_through_the_png_text():
+    """Acceptance 6 (text level): the PNG ``parameters`` chunk, read by the independent A1111 parser."""
+    from test_outputs import BASE, parse_a1111
+
+    from demofusion.outputs import a1111_parameters
+
+    for name, kind in (("dpm++2m", "karras"), ("dpm++2m-sde", "karras"), ("dpm++3m-sde", "exponential"),
+                       ("euler-a", None), ("unipc", None), ("lcm", None), ("heun", "karras")):
+        sampler = S.a1111_name(S.by_name(name, S.SDXL_BASE_CONFIG, sigmas=kind))
+        parsed = parse_a1111(a1111_parameters({**BASE, "sampler": sampler}))
+        assert parsed["Sampler"] == sampler and S.parse_sampler(parsed["Sampler"]) == (name, kind)
+    assert S.a1111_name(S.by_name("DPM++ 2M Karras", S.SDXL_BASE_CONFIG)) == "DPM++ 2M Karras"
+
+
+def test_stochastic_and_stateful_flags():
+    """What a loop must know: which samplers add noise, which remember earlier steps."""
+    cfg = S.SDXL_BASE_CONFIG
+    noisy = {n for n in S.SAMPLER_NAMES if S.by_name(n, cfg).stochastic}
+    assert noisy == {"euler-a", "dpm++2m-sde", "dpm++3m-sde", "lcm", "tcd"}
+    assert S.DDIMScheduler(eta=0.5).stochastic and not S.TCDScheduler(gamma=0).stochastic
+    assert {n for n in S.SAMPLER_NAMES if S.by_name(n, cfg).stateful} == {"heun", "dpm++2m", "dpm++2m-sde",
+                                                                          "dpm++3m-sde", "unipc"}

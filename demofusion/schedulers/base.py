@@ -32,6 +32,15 @@ class Scheduler:
     _defaults: dict = SDXL_COMMON
     _diffusers_defaults: dict = DIFFUSERS_COMMON
     _integer_timesteps = False
+    # True where a step depends on earlier calls (multistep history, Heun's half step): such a
+    # sampler must be stepped once per evaluation on the whole latent, never once per view
+    stateful = False
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether ``step_at`` adds noise (then pass ``noise=`` — one draw per step for the whole
+        latent — or ``generator=``)."""
+        return False
     _prediction_types = ("epsilon", "v_prediction")
 
     def __init__(self, **config):

@@ -166,6 +166,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     _defaults = {k: v for k, v in SDXL_TURBO_CONFIG.items() if k in DIFFUSERS_COMMON}
     _diffusers_defaults = DIFFUSERS_COMMON
+    stochastic = True
 
     def step_at(self, model_output, step_index: int, sample, generator=None, noise=None) -> torch.Tensor:
         """One ancestral step:  x_next = x + (σ_down − σ)·(x − x̂_0)/σ + σ_up·z.

@@ -25,6 +25,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
 
     _defaults = dict(SDXL_COMMON, **_HEUN_EXTRA)
     _diffusers_defaults = dict(DIFFUSERS_COMMON, **_HEUN_EXTRA)
+    stateful = True
 
     def __init__(self, **config):
         super().__init__(**config)

@@ -87,6 +87,8 @@ class LCMScheduler(_ConsistencyScheduler):
     """LCM multistep sampling: x̂ = c_skip(t)·x + c_out(t)·x̂₀, then re-noised to the next timestep
     (not after the last). One model evaluation per step; stochastic (``noise=``/``generator=``)."""
 
+    stochastic = True
+
     def step_at(self, model_output, step_index: int, sample, generator=None, noise=None) -> torch.Tensor:
         """c_skip = σ_d²/((s·t)² + σ_d²), c_out = s·t/√((s·t)² + σ_d²) with σ_d = 0.5, s = timestep_scaling;
         x_next = √ᾱ_next·x̂ + √(1−ᾱ_next)·z. Computed in float32."""
@@ -115,6 +117,10 @@ class TCDScheduler(_ConsistencyScheduler):
 
     _defaults = dict(_ConsistencyScheduler._defaults, gamma=0.3)
     _diffusers_defaults = dict(_ConsistencyScheduler._diffusers_defaults, gamma=0.3)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.config["gamma"] > 0
 
     def __init__(self, **config):
         super().__init__(**config)

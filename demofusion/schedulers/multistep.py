@@ -36,6 +36,7 @@ class MultistepSolver(Scheduler):
 
     _integer_timesteps = True
     _max_order = 3
+    stateful = True
 
     def __init__(self, **config):
         super().__init__(**config)
