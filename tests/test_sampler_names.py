@@ -39,19 +39,18 @@ def test_every_pair_of_samplers_keeps_the_model_config(cfg):
             direct = S.by_name(b, model)
             assert type(switched) is type(direct) and switched.config == direct.config, (a, b)
             assert switched.model_config == first.model_config  # unknown keys travel on
-            ref = diffusers_of(b, model)
-            for k, v in switched.config.items():
-                if k not in OURS_ONLY and not k.startswith("_"):
-                    assert ref.config[k] == v, (cfg, a, b, k, v, ref.config[k])
-            if "clip_sample" in switched.config:
-                assert switched.config["clip_sample"] is False
-            want_spacing = model.get("timestep_spacing", "leading")
-            if b not in ("lcm", "tcd"):  # LCM/TCD pick timesteps from the distillation schedule
-                assert switched.config["timestep_spacing"] == want_spacing
-            n = 4
-            switched.set_timesteps(n)
-            ref.set_timesteps(n)
-            assert torch.allclose(switched.timesteps.double(), ref.timesteps.double()), (a, b)
+    for b in S.SAMPLER_NAMES:  # and each equals diffusers' class of that name from the model's config
+        direct, ref = S.by_name(b, model), diffusers_of(b, model)
+        for k, v in direct.config.items():
+            if k not in OURS_ONLY and not k.startswith("_"):
+                assert ref.config[k] == v, (cfg, b, k, v, ref.config[k])
+        if "clip_sample" in direct.config:
+            assert direct.config["clip_sample"] is False
+        if b not in ("lcm", "tcd"):  # LCM/TCD pick timesteps from the distillation schedule
+            assert direct.config["timestep_spacing"] == model.get("timestep_spacing", "leading")
+        direct.set_timesteps(4)
+        ref.set_timesteps(4)
+        assert torch.allclose(direct.timesteps.double(), ref.timesteps.double()), b
 
 
 def test_ddim_from_sdxl_base_config_equals_diffusers():
