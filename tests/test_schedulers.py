@@ -400,12 +400,13 @@ def test_bad_input_errors(name):
     with pytest.raises(ValueError, match="prediction_type='sample' is not supported"):
         cls(prediction_type="sample")
     for key, val in (("thresholding", True), ("rescale_betas_zero_snr", True), ("timestep_type", "continuous"),
-                     ("interpolation_type", "log_linear"), ("use_exponential_sigmas", True)):
+                     ("interpolation_type", "log_linear")):
         with pytest.raises(ValueError, match=f"{key}={val!r} is not supported"):
             cls.from_config(dict(S.SDXL_BASE_CONFIG, **{key: val}))
-    if name != "EulerDiscreteScheduler":
-        with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
-            cls.from_config(dict(S.SDXL_BASE_CONFIG, use_karras_sigmas=True))
+    if name != "EulerDiscreteScheduler":  # Euler takes Karras and exponential σ (tests/test_samplers.py)
+        for key in ("use_karras_sigmas", "use_exponential_sigmas"):
+            with pytest.raises(ValueError, match=f"{key}=True is not supported"):
+                cls.from_config(dict(S.SDXL_BASE_CONFIG, **{key: True}))
     if name != "EulerDiscreteScheduler":
         with pytest.raises(ValueError, match="either noise= or generator="):
             kw = {"eta": 1.0} if name == "DDIMScheduler" else {}

@@ -24,7 +24,7 @@ DEFAULTS.update(CONTROL_DEFAULTS)
 # what a run brings to the model: sampler, VAE, LoRAs, prompt handling (recorded, part of the run id)
 MODEL_DEFAULTS = {"scheduler": None, "timestep_spacing": None, "vae": None, "lora": None, "truncate_prompts": False}
 MODEL_KEYS = list(MODEL_DEFAULTS)
-SAMPLER_NAMES = ("ddim", "euler", "euler-a")
+from ..schedulers.names import SAMPLER_NAMES, SIGMAS  # noqa: E402  (the sampler name table, issue 24)
 SPACINGS = ("leading", "trailing", "linspace")
 DEFAULTS.update(MODEL_DEFAULTS)
 # where a run's weights and batches go: recorded, free to change on resume (like --device)

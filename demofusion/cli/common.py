@@ -190,10 +190,10 @@ def model_fingerprint(pipe, model: str, component: str = "unet") -> str:
 
 
 def sampler_key(scheduler) -> str:
-    """The scheduler's --scheduler name (ddim, euler, euler-a)."""
-    from ..schedulers import SAMPLERS
+    """The scheduler's --scheduler name (ddim, euler, dpm++2m, …)."""
+    from ..schedulers import sampler_key as key
 
-    return {v: k for k, v in SAMPLERS.items()}[type(scheduler).__name__]
+    return key(scheduler)
 
 
 def parse_loras(specs) -> list | None:
@@ -223,9 +223,10 @@ def _lora_scale(value: float, spec) -> float:
 
 
 def sampler_name(scheduler) -> str:
-    """The scheduler as A1111 names samplers."""
-    return {"EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
-            "DDIMScheduler": "DDIM"}.get(type(scheduler).__name__, type(scheduler).__name__)
+    """The scheduler as A1111 names samplers ("DPM++ 2M Karras", "Euler a")."""
+    from ..schedulers import a1111_name
+
+    return a1111_name(scheduler)
 
 
 def warn_long_prompt(pipe, params: dict) -> None:

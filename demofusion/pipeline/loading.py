@@ -52,18 +52,18 @@ def pretrained(cls, path_or_preset, device, dtype, kind, scheduler, variant, vae
     policy or fp8 will place them), the VAE swapped, fp8 applied, the ControlNets loaded."""
     from ..devices import default_dtype, resolve_device
     from ..memory.plan import parse_budget
-    from ..schedulers import SAMPLERS, by_name
+    from ..schedulers import by_name, is_sampler_name
     from .settings import _check_offload
 
     device = resolve_device(device)
     dtype = default_dtype(device) if dtype is None else dtype
     max_memory, offload = parse_budget(max_memory), _check_offload(offload)
     at_home = max_memory is not None or offload not in (None, "none") or fp8
-    sampler = scheduler if isinstance(scheduler, str) and scheduler in SAMPLERS else None
+    sampler = scheduler if is_sampler_name(scheduler) else None
     unet, old_vae, text, sched, name = load_components(path_or_preset, "cpu" if at_home else device, dtype, kind,
                                                        None if sampler else scheduler, variant, vae_dtype, seed,
                                                        allow_pickle, tokenizer_path)
-    sched = by_name(sampler, sched.config) if sampler else sched  # another sampler on the model's own schedule
+    sched = by_name(sampler, sched) if sampler else sched  # another sampler on the model's own schedule
     if vae is not None:
         old_vae = swap_vae(vae, unet, vae_dtype or dtype, allow_pickle)
     pipe = cls(unet, old_vae, text, sched, name=name + (" (fp8)" if fp8 else ""), device=device,

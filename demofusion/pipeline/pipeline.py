@@ -114,13 +114,15 @@ class DemoFusionPipeline:
     def _lora_targets(self) -> dict:
         return {"unet": self.unet, "text_encoder": self.text.text_encoder, "text_encoder_2": self.text.text_encoder_2}
 
-    def set_scheduler(self, name: str, timestep_spacing: str | None = None):
-        """Sample with ``name`` ("ddim", "euler", "euler-a") on the model's own training schedule
-        (betas, prediction type, and its timestep spacing unless ``timestep_spacing`` is given:
-        "leading", "trailing" or "linspace"); returns self."""
+    def set_scheduler(self, name: str, timestep_spacing: str | None = None, sigmas: str | None = None):
+        """Sample with ``name`` (ddim, euler, euler-a, heun, dpm++2m, dpm++2m-sde, dpm++3m-sde, unipc,
+        lcm, tcd, or an A1111/ComfyUI spelling such as "DPM++ 2M Karras") on the model's own schedule:
+        every option from the model's scheduler config (kept whole across switches), its timestep
+        spacing unless ``timestep_spacing`` is given ("leading", "trailing", "linspace"), its σ unless
+        ``sigmas`` is "karras" or "exponential" (docs/schedulers.md); returns self."""
         from ..schedulers import by_name
 
-        self.scheduler = by_name(name, self.scheduler.config, timestep_spacing)
+        self.scheduler = by_name(name, self.scheduler, timestep_spacing, sigmas)
         return self
 
     def compile(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None):

@@ -1,4 +1,4 @@
-"""DDIM, Euler and Euler-ancestral samplers, written from the maths (see docs/schedulers.md).
+"""DDIM, Euler, Euler-ancestral, Heun, DPM-Solver++, UniPC, LCM and TCD samplers, written from the maths (see docs/schedulers.md).
 
 Same method names as diffusers' schedulers, but ``step`` is stateless: it finds its step from the
 timestep on every call and returns the previous sample as a tensor, so DemoFusion can step every
@@ -15,28 +15,36 @@ view separately at the same timestep.
 from .base import Scheduler
 from .config import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, read_config
 from .ddim import DDIMScheduler
+from .dpm import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .heun import HeunDiscreteScheduler
+from .lcm import LCMScheduler, TCDScheduler
+from .names import (SAMPLER_NAMES, SAMPLERS, SIGMAS, a1111_name, is_sampler_name, parse_sampler, sampler_key,
+                    sampler_options, sigma_schedule)
+from .unipc import UniPCMultistepScheduler
 
-SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)}
-SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler"}
+SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+                                      HeunDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+                                      LCMScheduler, TCDScheduler)}
 
 
-def by_name(name: str, config, timestep_spacing: str | None = None) -> Scheduler:
-    """The sampler ``name`` ("ddim", "euler", "euler-a") on a model's training schedule ``config``
-    (its betas, prediction type, offset and, unless ``timestep_spacing`` is given, its spacing:
-    SDXL base "leading", Turbo "trailing")."""
-    from ..errors import InputError
-    from .schedule import SPACINGS
+def by_name(name: str, config, timestep_spacing: str | None = None, sigmas: str | None = None) -> Scheduler:
+    """The sampler ``name`` (see ``SAMPLER_NAMES``; A1111/ComfyUI spellings such as "DPM++ 2M Karras"
+    or "dpmpp_2m" too) on a model's schedule. ``config``: a scheduler (its ``model_config``, the
+    model's config kept whole, is used), a config dict, or a scheduler_config.json / model folder.
+    Options come from that config, else the SDXL family's published values; ``timestep_spacing``
+    ("leading", "trailing", "linspace") and ``sigmas`` ("karras", "exponential"; None: the model's)
+    override it."""
+    cls_name, cfg, model = sampler_options(name, config, timestep_spacing, sigmas)
+    sched = SCHEDULERS[cls_name].from_config(cfg)
+    sched.model_config = model  # the model's config travels on to the next switch unchanged
+    return sched
 
-    if name not in SAMPLERS:
-        raise InputError(f"scheduler {name!r}: unknown; use one of {', '.join(SAMPLERS)}")
-    if timestep_spacing is not None and timestep_spacing not in SPACINGS:
-        raise InputError(f"timestep_spacing {timestep_spacing!r}: unknown; use one of {', '.join(SPACINGS)}")
-    extra = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
-    return from_config(dict(config), _class_name=SAMPLERS[name], **extra)
 
-__all__ = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "Scheduler",
-           "SDXL_BASE_CONFIG", "SDXL_TURBO_CONFIG", "SCHEDULERS", "SAMPLERS", "by_name", "from_config"]
+__all__ = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler", "Scheduler",
+           "SDXL_BASE_CONFIG", "SDXL_TURBO_CONFIG", "SCHEDULERS", "SAMPLERS", "SAMPLER_NAMES", "SIGMAS", "by_name",
+           "from_config", "a1111_name", "is_sampler_name", "parse_sampler", "sampler_key", "sigma_schedule"]
 
 
 def from_config(cfg, **overrides) -> Scheduler:

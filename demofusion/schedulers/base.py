@@ -32,6 +32,15 @@ class Scheduler:
     _defaults: dict = SDXL_COMMON
     _diffusers_defaults: dict = DIFFUSERS_COMMON
     _integer_timesteps = False
+    # True where a step depends on earlier calls (multistep history, Heun's half step): such a
+    # sampler must be stepped once per evaluation on the whole latent, never once per view
+    stateful = False
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether ``step_at`` adds noise (then pass ``noise=`` — one draw per step for the whole
+        latent — or ``generator=``)."""
+        return False
     _prediction_types = ("epsilon", "v_prediction")
 
     def __init__(self, **config):
@@ -47,6 +56,11 @@ class Scheduler:
         if isinstance(opts["steps_offset"], bool) or not isinstance(opts["steps_offset"], numbers.Integral):
             raise ValueError(f"{name}: steps_offset must be an integer, got {opts['steps_offset']!r}")
         self.config = {"_class_name": name, **opts}
+        # the model's scheduler config kept whole (unknown keys included): another sampler built
+        # from this one (``by_name``) takes its options from here, never from a class default.
+        # Constructed directly, the model is the one the constructor defaults describe (SDXL's);
+        # ``from_config`` replaces this with the file as read.
+        self.model_config = {**opts, **config}
         self.betas = make_betas(opts["beta_schedule"], T, opts["beta_start"], opts["beta_end"], opts["trained_betas"])
         if len(self.betas) != T:
             raise ValueError(f"{name}: trained_betas has {len(self.betas)} entries, num_train_timesteps is {T}")
@@ -56,16 +70,20 @@ class Scheduler:
         self.timesteps_cpu = None  # the same timesteps kept on the CPU, for host-side control
         self.sigmas = None
         self._lookup = None  # timesteps on the CPU in float64, for index lookup
+        self._step_index = None  # diffusers-style counter, used only by stateful ``step`` (multistep, Heun)
 
     # ------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg, **overrides):
         """Build from a diffusers scheduler config (dict, ``scheduler_config.json``, or a folder
         holding one). Keys missing from it take diffusers' defaults for this class, as diffusers does."""
+        source = read_config(cfg)
         merged = dict(cls._diffusers_defaults)
-        merged.update(read_config(cfg))
+        merged.update(source)
         merged.update(overrides)
-        return cls(**merged)
+        sched = cls(**merged)
+        sched.model_config = source
+        return sched
 
     def __repr__(self):
         keys = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
@@ -82,8 +100,7 @@ class Scheduler:
         if not 1 <= n <= T:
             raise ValueError(f"{name}.set_timesteps: num_inference_steps={n} is out of range; "
                              f"use 1 ≤ n ≤ num_train_timesteps ({T})")
-        ts = spaced_timesteps(self.config["timestep_spacing"], int(n), T, self.config["steps_offset"],
-                              integer=self._integer_timesteps)
+        ts = self._spaced_timesteps(int(n))
         if ts.min() < 0 or ts.max() > T - 1:
             raise ValueError(
                 f"{name}.set_timesteps: timestep_spacing={self.config['timestep_spacing']!r} with "
@@ -91,10 +108,20 @@ class Scheduler:
                 f"{int(ts.min())}..{int(ts.max())}, outside the trained range 0..{T - 1}; use fewer steps, "
                 f"a smaller steps_offset or 'trailing' spacing")
         self.num_inference_steps = int(n)
+        self._step_index = None
+        self._reset_history()
         timesteps = self._set_schedule(torch.from_numpy(ts.copy()))
         self._lookup = timesteps.double()  # CPU copy for index lookup (no device sync per step)
         self.timesteps_cpu = timesteps
         self.timesteps = timesteps.to(device)
+
+    def _spaced_timesteps(self, n: int):
+        """The n spaced training timesteps (float64 numpy, descending) the schedule starts from."""
+        return spaced_timesteps(self.config["timestep_spacing"], n, self.config["num_train_timesteps"],
+                                self.config["steps_offset"], integer=self._integer_timesteps)
+
+    def _reset_history(self) -> None:
+        """Forget what earlier steps left behind (multistep history, Heun's half step)."""
 
     def _set_schedule(self, ts: torch.Tensor) -> torch.Tensor:
         """Set ``.sigmas`` from the spaced timesteps ``ts`` (float64); return the CPU timesteps."""
@@ -128,6 +155,18 @@ class Scheduler:
         if len(vals) != 1:
             raise ValueError(f"expected one timestep, got {len(vals)}; step() takes the same t for the whole batch")
         return self._index_of(vals[0])
+
+    def _counted_index(self, t) -> int:
+        """diffusers' step counter: found from ``t`` on the first call after set_timesteps, then
+        advanced by each ``step`` (for schedules with repeated timesteps and for stateful samplers)."""
+        self._require_schedule("step")
+        if self._step_index is None:
+            vals = self._t_values(t)
+            hits = (self._lookup == vals[0]).nonzero().flatten()
+            if len(vals) != 1 or len(hits) == 0:
+                self._index_of(vals[0])  # raises the lookup's error
+            self._step_index = int(hits[0])
+        return self._step_index
 
     def init_sigma(self) -> torch.Tensor:
         """``init_noise_sigma`` as a 0-d float32 CPU tensor: the same value, read by no one (the

@@ -33,6 +33,10 @@ class DDIMScheduler(Scheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
         self._step_alphas = None  # (ᾱ_t [n], ᾱ_prev [n]), set by set_timesteps
 
+    @property
+    def stochastic(self) -> bool:
+        return self.config["eta"] > 0
+
     init_noise_sigma = 1.0  # the sample is in the ᾱ scale: unit variance at the start
 
     def _set_schedule(self, ts):

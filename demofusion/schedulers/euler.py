@@ -10,17 +10,26 @@ import torch
 
 from .base import DIFFUSERS_COMMON, SDXL_COMMON, Scheduler
 from .config import SDXL_TURBO_CONFIG, check_choice
-from .schedule import (ancestral_split, denoised_from_eps, denoised_from_v, interp_sigmas, karras_sigmas,
+from .schedule import (SIGMA_SCHEDULES, ancestral_split, denoised_from_eps, denoised_from_v, interp_sigmas,
                        sigma_to_t, sigmas_from_alphas_cumprod, to_d)
 
 _EULER_EXTRA = {
     "interpolation_type": "linear",
     "timestep_type": "discrete",
     "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
     "sigma_min": None,
     "sigma_max": None,
     "final_sigmas_type": "zero",
 }
+
+
+def sigma_kind(config: dict) -> str | None:
+    """"karras", "exponential" or None (the model's σ) from ``use_karras_sigmas`` / ``use_exponential_sigmas``."""
+    karras, expo = config.get("use_karras_sigmas", False), config.get("use_exponential_sigmas", False)
+    if karras and expo:
+        raise ValueError("use_karras_sigmas and use_exponential_sigmas are both set; choose one")
+    return "karras" if karras else "exponential" if expo else None
 
 
 class _SigmaScheduler(Scheduler):
@@ -33,8 +42,17 @@ class _SigmaScheduler(Scheduler):
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # float32 [T], by increasing t
 
     def _schedule_sigmas(self, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps float64 [n], σ float64 [n]) before the final σ is appended."""
-        return ts, interp_sigmas(ts, self.train_sigmas)
+        """(timesteps float64 [n], σ float64 [n]) before the final σ is appended: the model's σ at
+        the spaced timesteps, or Karras / exponential σ between their ends (``sigma_min`` /
+        ``sigma_max`` when configured), each mapped back to a fractional timestep."""
+        sig = interp_sigmas(ts, self.train_sigmas)
+        kind = sigma_kind(self.config)
+        if kind is None:
+            return ts, sig
+        smin = self.config.get("sigma_min") if self.config.get("sigma_min") is not None else sig[-1].item()
+        smax = self.config.get("sigma_max") if self.config.get("sigma_max") is not None else sig[0].item()
+        sig = SIGMA_SCHEDULES[kind](smin, smax, len(ts))
+        return sigma_to_t(sig, self.train_sigmas), sig
 
     def _final_sigma(self) -> float:
         return 0.0
@@ -123,15 +141,6 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         check_choice(name, "timestep_type", self.config["timestep_type"], ("discrete",))
         check_choice(name, "final_sigmas_type", self.config["final_sigmas_type"], ("zero", "sigma_min"))
 
-    def _schedule_sigmas(self, ts):
-        ts, sig = super()._schedule_sigmas(ts)
-        if self.config["use_karras_sigmas"]:
-            smin = self.config["sigma_min"] if self.config["sigma_min"] is not None else sig[-1].item()
-            smax = self.config["sigma_max"] if self.config["sigma_max"] is not None else sig[0].item()
-            sig = karras_sigmas(smin, smax, len(ts))
-            ts = sigma_to_t(sig, self.train_sigmas)
-        return ts, sig
-
     def _final_sigma(self) -> float:
         # "sigma_min": end at the smallest training σ instead of 0
         return self.train_sigmas[0].item() if self.config["final_sigmas_type"] == "sigma_min" else 0.0
@@ -157,6 +166,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     _defaults = {k: v for k, v in SDXL_TURBO_CONFIG.items() if k in DIFFUSERS_COMMON}
     _diffusers_defaults = DIFFUSERS_COMMON
+    stochastic = True
 
     def step_at(self, model_output, step_index: int, sample, generator=None, noise=None) -> torch.Tensor:
         """One ancestral step:  x_next = x + (σ_down − σ)·(x − x̂_0)/σ + σ_up·z.

@@ -69,6 +69,24 @@ def spaced_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offse
     raise ValueError(f"unknown timestep_spacing {spacing!r}; supported: {', '.join(SPACINGS)}")
 
 
+def solver_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:
+    """The multistep solvers' (DPM-Solver, UniPC) spacing: n of n+1 points, the last (t = 0) dropped
+    (integers, float64, descending).
+
+    leading:  t_i = (n−i)·⌊T/(n+1)⌋ + steps_offset
+    trailing: t_i = round(T − i·T/n) − 1
+    linspace: t_i = round((T−1)·(n−i)/n)
+    """
+    T = num_train_timesteps
+    if spacing == "leading":
+        return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.float64) + steps_offset
+    if spacing == "trailing":
+        return spaced_timesteps(spacing, n, T)
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy()
+    raise ValueError(f"unknown timestep_spacing {spacing!r}; supported: {', '.join(SPACINGS)}")
+
+
 def interp_sigmas(timesteps: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
     """σ(t) by linear interpolation in the table: σ(t) = σ_⌊t⌋ + (t − ⌊t⌋)·(σ_⌊t⌋+1 − σ_⌊t⌋) (float64)."""
     table = train_sigmas.double()
@@ -83,6 +101,14 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = torch.from_numpy(np.linspace(0, 1, n))
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> torch.Tensor:
+    """σ_i evenly spaced in log σ from σ_max down to σ_min (n points, float64)."""
+    return torch.from_numpy(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)))
+
+
+SIGMA_SCHEDULES = {"karras": karras_sigmas, "exponential": exponential_sigmas}
 
 
 def sigma_to_t(sigmas: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
