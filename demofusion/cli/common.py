@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -205,6 +206,8 @@ def parse_loras(specs) -> list | None:
             path, value = str(spec), 1.0  # a ':' inside the path (Windows drive), no scale
         if not path or not Path(path).expanduser().is_file():
             raise CLIError(f"--lora {spec}: no such file; give FILE or FILE:SCALE (e.g. style.safetensors:0.8)")
+        if not math.isfinite(value):
+            raise CLIError(f"--lora {spec}: the scale {scale} is not a finite number; give FILE:SCALE with e.g. 0.8")
         out.append((path, value))
     return out
 
@@ -304,6 +307,20 @@ def _with_controlnets(model, paths: list, dtype):
             cfgs.append(ControlNetConfig(model.unet_config))
     return dataclasses.replace(model, control_configs=tuple(cfgs),
                                control_bytes=sum(weight_bytes(fake_controlnet(c, dtype)) for c in cfgs))
+
+
+def budget_message(e: InputError, device: str) -> str:
+    """An impossible --max-memory (or another settings error) in the command line's words: its
+    flags, and only the ways this run has (no CPU advice on the CPU, no latent-only output)."""
+    from ..memory.plan import BudgetError, fmt
+
+    if not isinstance(e, BudgetError):
+        return _as_flag(str(e))
+    words = {"fp8": "--fp8", "size": "a smaller --height/--width", "cpu": "--device cpu"}
+    ways = [words[w] for w in e.ways if w in words and not (w == "cpu" and device == "cpu")]
+    return (f"--max-memory {fmt(e.budget)} is too small for this run: it needs at least {fmt(e.need)} "
+            f"(--offload {e.policy}, --view-batch-size {e.view_batch}, at phase {e.worst.phase} {e.worst.name}); "
+            f"below that: {', or '.join(ways)}")
 
 
 def defaults() -> dict:
