@@ -56,12 +56,23 @@ def finished(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
-    import demofusion as df
-    from tests.test_lora import lora_targets, random_factors, write_kohya
+    """A kohya LoRA (rank 1) on every attention query of the tiny UNet."""
+    import torch
+    from safetensors.torch import save_file
 
-    pipe = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu")
-    d = tmp_path_factory.mktemp("lora")
-    return write_kohya(d / "good.safetensors", random_factors(lora_targets(pipe._lora_targets()), seed=0))
+    import demofusion as df
+
+    unet = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu").unet
+    g, sd = torch.Generator().manual_seed(0), {}
+    for name, m in unet.named_modules():
+        if name.endswith("to_q") and isinstance(m, torch.nn.Linear):
+            key = "lora_unet_" + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = torch.randn(1, m.in_features, generator=g) / m.in_features ** 0.5
+            sd[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 1, generator=g) * 0.5
+            sd[f"{key}.alpha"] = torch.tensor(1.0)
+    path = tmp_path_factory.mktemp("lora") / "good.safetensors"
+    save_file(sd, str(path))
+    return path
 
 
 # ---- 1, 4: a late check never costs the old run ---------------------------------------------------
@@ -161,7 +172,7 @@ def test_from_image_refuses_changed_files_unless_told(tmp_path, lora, capsys):
     src = tmp_path / "src"
     assert main(["generate", "--model", "tiny", "--image", str(photo), "--lora", f"{style}:0.5", "--steps", "1",
                  "--no-progress", "--out", str(src)]) == 0
-    png = src / "phase_2.png"
+    png = src / "phase_1.png"  # 128² × 2 = the base size: one phase
     meta = json.loads(Image.open(png).text["demofusion"])
 
     Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(photo)  # another picture, same name

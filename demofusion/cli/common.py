@@ -320,7 +320,7 @@ def budget_message(e: InputError, device: str) -> str:
     ways = [words[w] for w in e.ways if w in words and not (w == "cpu" and device == "cpu")]
     return (f"--max-memory {fmt(e.budget)} is too small for this run: it needs at least {fmt(e.need)} "
             f"(--offload {e.policy}, --view-batch-size {e.view_batch}, at phase {e.worst.phase} {e.worst.name}); "
-            f"below that: {', or '.join(ways)}")
+            f"below that: {', '.join(ways[:-1]) + ' or ' if len(ways) > 1 else ''}{ways[-1]}")
 
 
 def defaults() -> dict:

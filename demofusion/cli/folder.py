@@ -105,6 +105,6 @@ class RunFolder:
         if not self.committed:
             return (f"cannot write to {self.out} ({why}); nothing of this run was written there and any files "
                     f"it held are as they were — free space there or give another {self.option}, then run again")
-        done = f"phases 1–{phase - 1} are saved" if phase > 1 else "run.json is saved"
+        done = {1: "run.json is saved", 2: "phase 1 is saved"}.get(phase, f"phases 1–{phase - 1} are saved")
         return (f"cannot write phase {phase} to {self.out} ({why}); {done} — free space there, then "
                 f"`demofusion generate --resume {self.out}` finishes the run")

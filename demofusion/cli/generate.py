@@ -214,7 +214,7 @@ def _check_files(args, pipe, params: dict, out, resuming: bool) -> None:
         given = {*_given(args), *(["image"] if args.image else [])}
         check_replay(args.from_image, read_png_params(args.from_image), now, params, given,
                      getattr(args, "ignore_hashes", False))
-    params.update(now)
+    params.update({k: v for k, v in now.items() if v is not None or k in params})  # (no image: no image_sha256)
 
 
 def _generate(args, dry: bool, stack, folder: RunFolder | None) -> int:
