@@ -190,6 +190,10 @@ def test_from_image_refuses_changed_files_unless_told(tmp_path, lora, capsys):
     line = one_error(capsys, ["generate", "--from-image", str(tmp_path / "replay.png"), "--image", str(photo),
                               "--no-progress", "--out", str(tmp_path / "z")])
     assert str(style) in line and meta["lora_hash"][0] in line
+    # a LoRA given on the command line replaces the recorded one: not compared (nor tiny's fused weights)
+    assert main(["generate", "--from-image", str(tmp_path / "replay.png"), "--image", str(photo), "--lora",
+                 f"{lora}:0.5", "--no-progress", "--out", str(tmp_path / "v")]) == 0
+    assert "error:" not in capsys.readouterr().err
 
 
 # ---- 14: every line of a --prompts file is checked first --------------------------------------------

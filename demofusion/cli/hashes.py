@@ -11,14 +11,16 @@ from pathlib import Path
 from .common import CLIError, model_fingerprint, parse_loras
 from .control import control_files, control_hashes, net_hashes
 
-# recorded key → (what the file is, the flags that name it: given on the command line, no comparison)
+# recorded key → (what the file is, the flags that name it: given on the command line, no comparison).
+# The model last: the `tiny` preset's hash is of its weights as loaded, LoRAs fused, so a changed
+# LoRA changes it too, and the LoRA is the file to name.
 HASHED = {
-    "model_hash": ("the model", ("model",)),
-    "vae_hash": ("the VAE", ("vae",)),
-    "lora_hash": ("the LoRA file", ("lora",)),
-    "controlnet_hash": ("the ControlNet", ("controlnet",)),
     "image_sha256": ("the picture", ("image",)),
     "control_sha256": ("the control map's file", ("control_image", "control", "control_source")),
+    "lora_hash": ("the LoRA file", ("lora",)),
+    "vae_hash": ("the VAE", ("vae",)),
+    "controlnet_hash": ("the ControlNet", ("controlnet",)),
+    "model_hash": ("the model", ("model",)),
 }
 
 
@@ -56,6 +58,8 @@ def differences(recorded: dict, now: dict, params: dict, given=()) -> list[str]:
     not have; keys whose flags are in ``given`` (the user named other files) are not compared."""
     out = []
     for key, (what, flags) in HASHED.items():
+        if key == "model_hash" and not Path(str(params.get("model"))).exists():
+            flags = (*flags, "lora")  # a preset's hash is of its loaded weights: another --lora changes it
         if recorded.get(key) is None or any(f in given for f in flags):
             continue
         then, cur = recorded[key], now.get(key)
