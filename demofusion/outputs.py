@@ -3,7 +3,9 @@
 Rules:
 1. Every file is written atomically: into a hidden temp file beside it (``.{name}.tmp-{pid}-{random}{suffix}``,
    keeping the suffix for PIL/safetensors), fsynced, then ``os.replace``-d over the target. An interrupted
-   write leaves the previous complete file, or none, and no temp file.
+   write leaves the previous complete file, or none, and no temp file. Every file gets a new file's
+   mode (0666 less the umask), whatever the writing library chose. ``atomic_replace`` writes several
+   files as one step (all complete before any old file is removed or replaced).
 2. Nothing non-finite is ever saved: NaN/Inf in JSON → ``InputError``, in latents → ``NonFiniteError``.
 3. Reading never modifies a file; a file we cannot use raises a one-line ``InputError`` naming it and the fix.
 4. A PNG carries two text chunks: ``demofusion`` (our parameters as JSON, the one read back) and
@@ -49,19 +51,60 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _new_file_mode(tmp: Path) -> int:
+    """Create ``tmp`` empty as any new file is created (0666 less the umask, as the folder's ACL
+    allows) and return its mode: writers that make their own file (safetensors: 0600) get it back."""
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return os.stat(tmp).st_mode & 0o777
+
+
+def _stage(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temp file beside ``path``, with a new file's mode, fsynced; the temp
+    file's path (no temp file is left behind if this fails)."""
+    tmp = _temp_path(path)
+    try:
+        mode = _new_file_mode(tmp)
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # KeyboardInterrupt and a full disk too: never leave the temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_write(path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` into a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave the temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    os.replace(_stage(path, write), path)
     _fsync_dir(path.parent)
+
+
+def atomic_replace(writes: list, remove=()) -> None:
+    """Several files as one step: every ``(path, write)`` is written to its temp file first; only
+    when all are complete are the ``remove`` files deleted and the temp files renamed into place.
+    A failure while writing (a full disk, Ctrl-C) leaves the folder as it was."""
+    staged = []
+    try:
+        for path, write in writes:
+            staged.append((_stage(Path(path), write), Path(path)))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    targets = {path for _, path in staged}
+    for f in remove:
+        if Path(f) not in targets:
+            Path(f).unlink(missing_ok=True)
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:  # a rename that failed: its temp file and the ones after it go
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    for folder in {path.parent for _, path in staged}:
+        _fsync_dir(folder)
 
 
 def _first_line(e: BaseException) -> str:
@@ -92,12 +135,22 @@ def _json_text(obj, path, **kwargs) -> str:
 
 
 def write_json(path, obj) -> None:
+    atomic_write(path, json_writer(path, obj))
+
+
+def json_writer(path, obj) -> Callable[[Path], None]:
+    """What ``write_json`` writes, as a ``write(tmp)`` for :func:`atomic_replace` (checked finite now)."""
     text = _json_text(obj, path, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return lambda tmp: tmp.write_text(text, encoding="utf-8")
 
 
 # ---- latents ------------------------------------------------------------------------------------
 def save_latents(path, latents, metadata: dict[str, str] | None = None) -> None:
+    atomic_write(path, latents_writer(path, latents, metadata))
+
+
+def latents_writer(path, latents, metadata: dict[str, str] | None = None) -> Callable[[Path], None]:
+    """What ``save_latents`` writes, as a ``write(tmp)`` for :func:`atomic_replace` (checked finite now)."""
     import torch
     from safetensors.torch import save_file
 
@@ -106,7 +159,7 @@ def save_latents(path, latents, metadata: dict[str, str] | None = None) -> None:
     if n_bad:
         raise NonFiniteError(f"refusing to save {path}: {n_bad} of {t.numel()} latent values are NaN/Inf "
                              "(the run diverged; try --dtype float32)")
-    atomic_write(path, lambda tmp: save_file({"latents": t}, str(tmp), metadata=metadata))
+    return lambda tmp: save_file({"latents": t}, str(tmp), metadata=metadata)
 
 
 def load_latents(path):
@@ -177,12 +230,17 @@ def a1111_parameters(params: dict, config_cls=None) -> str:
 
 
 def save_png(img, path, params: dict) -> None:
+    atomic_write(path, png_writer(img, path, params))
+
+
+def png_writer(img, path, params: dict) -> Callable[[Path], None]:
+    """What ``save_png`` writes, as a ``write(tmp)`` for :func:`atomic_replace` (metadata checked now)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text(META_KEY, _json_text(params, path))
     info.add_text(A1111_KEY, a1111_parameters(params))  # PIL writes iTXt when the text is not Latin-1
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
+    return lambda tmp: img.save(tmp, format="PNG", pnginfo=info)
 
 
 def read_png_params(path, option: str = "--from-image") -> dict:

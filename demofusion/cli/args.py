@@ -164,6 +164,9 @@ def build_parser() -> Parser:
     g.add_argument("--prompts", metavar="FILE", help="one image per line of FILE (seed --seed + line), into --out "
                    "DIR as 0000.png …, sharded across ranks under torchrun; the same command again resumes")
     g.add_argument("--from-image", help="reproduce a PNG written by demofusion from its metadata (the file is only read)")
+    g.add_argument("--ignore-hashes", dest="ignore_hashes", action="store_true",
+                   help="with --from-image: replay even when a file (model, VAE, LoRA, ControlNet, picture, control "
+                        "source) differs from the one recorded; a warning names each")
     g.add_argument("--resume", help="continue an interrupted run in this folder")
     g.add_argument("--stop-after-phase", type=int, help="stop after phase N (resume later)")
     g.add_argument("--dry-run", action="store_true", help="check the settings, picture and output folder, print the phases and the work; load no weights, write nothing")

@@ -12,26 +12,45 @@ run id.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from ..outputs import read_png_params, save_png, write_json
+from ..outputs import check_output_folder, read_png_params, save_png, write_json
 from . import ranks
 from .args import PLACEMENT_KEYS, RUN_KEYS
 from .control import control_hashes, control_kwargs, control_maps, net_hashes
-from .common import CLIError, base_size_of, load_pipeline, model_fingerprint, run_settings, sampler_name
+from .common import CLIError, base_size_of, load_pipeline, model_fingerprint, parse_loras, run_settings, sampler_name
+from .folder import RunFolder
 
 MANIFEST = "manifest.json"
 
 
-def read_prompts(path) -> list[str]:
+def read_prompts(path) -> list[tuple[int, str]]:
+    """(line number in the file, prompt) of every prompt line."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CLIError(f"--prompts {path}: cannot read it ({str(e).splitlines()[0]})") from None
-    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    prompts = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1)
+               if ln.strip() and not ln.strip().startswith("#")]
     if not prompts:
         raise CLIError(f"--prompts {path}: no prompts in it (one per line; # starts a comment)")
     return prompts
+
+
+def _check_lines(args, params: dict, lines: list, base: int, control: dict):
+    """Every line's run (its prompt, seed --seed + i) checked before the first image: the settings
+    of the first; a bad line is named by its number in the file."""
+    first = None
+    for i, (n, prompt) in enumerate(lines):
+        try:
+            s = run_settings({**params, "prompt": prompt, "seed": params["seed"] + i}, base,
+                             controlnets=len(params.get("controlnet") or []), **control)
+        except CLIError as e:
+            raise CLIError(f"--prompts {args.prompts} line {n} (prompt {i}, seed --seed + {i} = "
+                           f"{params['seed'] + i}): {e}") from None
+        first = first or s
+    return first
 
 
 def _check(args) -> None:
@@ -47,19 +66,28 @@ def _check(args) -> None:
 def cmd_prompts(args, params: dict, run_id) -> int:
     """Generate every prompt of ``args.prompts`` (``params``: the settled flags; ``run_id``: its hash)."""
     _check(args)
-    prompts, out = read_prompts(args.prompts), Path(args.out)
+    lines, out = read_prompts(args.prompts), Path(args.out)
+    prompts = [p for _, p in lines]
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file; give a folder")
     base = base_size_of(params["model"])
     control = control_kwargs(params, control_maps(params))  # the same ControlNets for every prompt
     params["control_sha256"] = control_hashes(params)
-    settings = run_settings({**params, "prompt": prompts[0]}, base, controlnets=len(params.get("controlnet") or []),
-                            **control)  # every flag checked before loading
+    settings = _check_lines(args, params, lines, base, control)  # every line and flag checked before loading
+    parse_loras(params.get("lora"))
     params["stride"] = settings.stride
     params["device"] = ranks.join(params["device"])
     from ..parallel import rank as this_rank
 
     rank, world = this_rank(), ranks.world_size()
+    with contextlib.ExitStack() as stack:  # rank 0 holds the folder's lock for the whole batch
+        if rank == 0:
+            check_output_folder(out, overwrite=True, create=False)
+            stack.enter_context(RunFolder(out, committed=True))
+        return _run_batch(args, params, prompts, out, run_id, control, rank, world)
+
+
+def _run_batch(args, params: dict, prompts: list, out: Path, run_id, control: dict, rank: int, world: int) -> int:
     pipe = load_pipeline(params, args.compile)
     params.update(model_hash=model_fingerprint(pipe, params["model"]), sampler=sampler_name(pipe.scheduler))
     params["controlnet_hash"] = net_hashes(pipe, params)

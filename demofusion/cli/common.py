@@ -320,5 +320,19 @@ def _with_controlnets(model, paths: list, dtype):
                                control_bytes=sum(weight_bytes(fake_controlnet(c, dtype)) for c in cfgs))
 
 
+def budget_message(e: InputError, device: str) -> str:
+    """An impossible --max-memory (or another settings error) in the command line's words: its
+    flags, and only the ways this run has (no CPU advice on the CPU, no latent-only output)."""
+    from ..memory.plan import BudgetError, fmt
+
+    if not isinstance(e, BudgetError):
+        return _as_flag(str(e))
+    words = {"fp8": "--fp8", "size": "a smaller --height/--width", "cpu": "--device cpu"}
+    ways = [words[w] for w in e.ways if w in words and not (w == "cpu" and device == "cpu")]
+    return (f"--max-memory {fmt(e.budget)} is too small for this run: it needs at least {fmt(e.need)} "
+            f"(--offload {e.policy}, --view-batch-size {e.view_batch}, at phase {e.worst.phase} {e.worst.name}); "
+            f"below that: {', '.join(ways[:-1]) + ' or ' if len(ways) > 1 else ''}{ways[-1]}")
+
+
 def defaults() -> dict:
     return dict(DEFAULTS)

@@ -56,9 +56,14 @@ def control_hashes(params: dict) -> list | None:
     """sha256 (16 hex) of every file a run's maps come from (None without ControlNets)."""
     if not params.get("controlnet"):
         return None
-    files = ([params.get("control_source") or params.get("image")] if params.get("control") else []) + \
+    return [hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] if f and Path(f).is_file() else None
+            for f in control_files(params)]
+
+
+def control_files(params: dict) -> list:
+    """The files a run's control maps come from, in ControlNet order."""
+    return ([params.get("control_source") or params.get("image")] if params.get("control") else []) + \
         list(params.get("control_image") or [])
-    return [hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] if f and Path(f).is_file() else None for f in files]
 
 
 def control_kwargs(params: dict, maps: list) -> dict:

@@ -29,9 +29,10 @@ WORKSPACES = 64 * MiB + 256 * MiB
 FRAGMENTATION = 0.10
 
 
-def reserve(activation_bytes: int) -> int:
-    """Bytes a real GPU needs beyond what the tracker counts, for a stage of these activations."""
-    return CUDA_CONTEXT + WORKSPACES + int(FRAGMENTATION * activation_bytes)
+def reserve(activation_bytes: int, gpu: bool = True) -> int:
+    """Bytes a real GPU needs beyond what the tracker counts, for a stage of these activations
+    (``gpu`` False: a CPU run, which has no CUDA context nor cuBLAS/cuDNN workspaces)."""
+    return (CUDA_CONTEXT + WORKSPACES if gpu else 0) + int(FRAGMENTATION * activation_bytes)
 
 
 # ---- the tracker -----------------------------------------------------------------------------

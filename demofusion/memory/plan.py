@@ -213,10 +213,15 @@ def vae_stages(m: Model, s, c: Choice) -> list[Stage]:
     return out
 
 
-def estimate(m: Model, s, c: Choice) -> list[Stage]:
-    """Every stage of run ``s`` under choice ``c``, in run order."""
-    stages = text_stages(m, s, c.offload) + unet_stages(m, s, c) + vae_stages(m, s, c)
+def estimate(m: Model, s, c: Choice, gpu: bool = True) -> list[Stage]:
+    """Every stage of run ``s`` under choice ``c``, in run order (``gpu`` False: a CPU run's reserve)."""
+    stages = _on(text_stages(m, s, c.offload) + unet_stages(m, s, c) + vae_stages(m, s, c), gpu)
     return sorted(stages, key=lambda st: (st.phase, st.name != "text", st.name == "decode"))
+
+
+def _on(stages: list[Stage], gpu: bool) -> list[Stage]:
+    """The stages as the device has them: a CPU run's reserve has no CUDA context and workspaces."""
+    return stages if gpu else [dataclasses.replace(st, gpu=False) for st in stages]
 
 
 # ---- choosing ---------------------------------------------------------------------------------
@@ -238,22 +243,23 @@ def _decodes(m: Model, s, shrink: bool) -> list[tuple]:
 
 
 def plan(m: Model, s, budget: int | None = None, offload: str | None = None, auto_batch: bool = False,
-         estimate_stages: bool = True) -> MemoryPlan:
+         estimate_stages: bool = True, gpu: bool = True) -> MemoryPlan:
     """The cheapest choice whose every stage fits ``budget`` (bytes; None: no budget, the caller's
     choice as it is). ``offload`` restricts the policy; ``auto_batch``: the view batch is ours to
     choose (the caller gave none). A budget nothing fits is a one-line :class:`InputError` naming
-    the smallest budget that works and the ways below it."""
+    the smallest budget that works and the ways below it (a :class:`BudgetError`). ``gpu`` False:
+    a CPU run (no CUDA context in the reserve)."""
     vbs = s.view_batch_size or DEFAULT_VIEW_BATCH
     s = dataclasses.replace(s, view_batch_size=vbs)
     if budget is None:
         c = Choice(offload or "none", vbs)
-        return MemoryPlan(None, c, tuple(estimate(m, s, c)) if estimate_stages else ())
+        return MemoryPlan(None, c, tuple(estimate(m, s, c, gpu)) if estimate_stages else ())
     policies = [offload] if offload else list(POLICIES)
     fast, slow = _batches(s, auto_batch)
     quick = [p for p in policies if p != "sequential"]
     order = [(p, b) for p in quick for b in fast] + [(p, b) for p in quick for b in slow] + \
             [(p, b) for p in policies if p == "sequential" for b in fast + slow]
-    fits = lambda stages: all(st.total <= budget for st in stages)
+    fits = lambda stages: all(st.total <= budget for st in _on(stages, gpu))
     for shrink in (False, True):
         for policy, (v, apart) in order:
             c = Choice(policy, v, apart)
@@ -262,24 +268,38 @@ def plan(m: Model, s, budget: int | None = None, offload: str | None = None, aut
             for tile, tb in _decodes(m, s, shrink):
                 c = dataclasses.replace(c, decode_tile=tile, decode_batch=tb)
                 if fits(vae_stages(m, s, c)):
-                    return MemoryPlan(budget, c, tuple(estimate(m, s, c)), exact=v == vbs and not apart)
-    _too_small(m, s, budget, policies[-1], (fast + slow)[-1], _decodes(m, s, True)[-1])
+                    return MemoryPlan(budget, c, tuple(estimate(m, s, c, gpu)), exact=v == vbs and not apart)
+    _too_small(m, s, budget, policies[-1], (fast + slow)[-1], _decodes(m, s, True)[-1], gpu)
 
 
-def _too_small(m: Model, s, budget: int, policy: str, batch: tuple, decode: tuple):
+class BudgetError(InputError):
+    """A ``max_memory`` nothing fits. Its fields let a front end word the advice in its own terms
+    (the command line's flags): ``ways`` holds keys of :data:`WAYS`."""
+
+    def __init__(self, budget: int, need: int, policy: str, view_batch: int, worst, ways: list[str]):
+        self.budget, self.need, self.policy, self.view_batch, self.worst, self.ways = \
+            budget, need, policy, view_batch, worst, ways
+        super().__init__(f"max_memory={fmt(budget)} is too small for this run: it needs at least {fmt(need)} "
+                         f"(offload={policy}, view_batch_size={view_batch}, at phase {worst.phase} {worst.name}); "
+                         f"below that: {', '.join(WAYS[w] for w in ways)}")
+
+
+WAYS = {"latent": "output_type='latent' (decode later)", "fp8": "fp8 UNet weights (fp8=True)",
+        "size": "a smaller height/width", "prompts": "fewer prompts per call", "cpu": "or device='cpu'"}
+
+
+def _too_small(m: Model, s, budget: int, policy: str, batch: tuple, decode: tuple, gpu: bool = True):
     c = Choice(policy, *batch, *decode)
-    stages = estimate(m, s, c)
+    stages = estimate(m, s, c, gpu)
     worst = max(stages, key=lambda st: st.total)
-    ways = ["a smaller height/width"]
+    ways = ["size"]
     if worst.name == "unet" and not m.fp8:
-        ways.insert(0, "fp8 UNet weights (fp8=True)")
+        ways.insert(0, "fp8")
     if s.batch > 1:
-        ways.append("fewer prompts per call")
+        ways.append("prompts")
     if worst.name == "decode":
-        ways.insert(0, "output_type='latent' (decode later)")
-    raise InputError(f"max_memory={fmt(budget)} is too small for this run: it needs at least "
-                     f"{fmt(worst.total)} (offload={policy}, view_batch_size={batch[0]}, at phase {worst.phase} "
-                     f"{worst.name}); below that: {', '.join(ways)}, or device='cpu'")
+        ways.insert(0, "latent")
+    raise BudgetError(budget, worst.total, policy, batch[0], worst, ways + (["cpu"] if gpu else []))
 
 
 def budget_of(pipe, max_memory) -> int | None:
@@ -305,4 +325,4 @@ def plan_run(pipe, s, estimate_stages: bool = True, model: Model | None = None) 
     if budget is None and not estimate_stages:  # nothing to measure: the caller's choice as it is
         return MemoryPlan(None, Choice(s.offload or "none", s.view_batch_size or DEFAULT_VIEW_BATCH))
     return plan(model or Model.of(pipe), s, budget, s.offload, auto_batch=s.view_batch_size is None,
-                estimate_stages=estimate_stages)
+                estimate_stages=estimate_stages, gpu=torch.device(pipe.device).type != "cpu")

@@ -29,10 +29,11 @@ class Stage:
     activations: int
     latents: int = 0
     batch: int = 0  # UNet stages: the UNet batch (views × prompts × 2 with CFG)
+    gpu: bool = True  # False on the CPU: no CUDA context in the reserve
 
     @property
     def reserve(self) -> int:
-        return reserve(self.activations)
+        return reserve(self.activations, self.gpu)
 
     @property
     def total(self) -> int:

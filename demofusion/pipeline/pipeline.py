@@ -176,6 +176,17 @@ class DemoFusionPipeline:
         is allocated. An impossible ``max_memory`` raises the call's one-line error."""
         return plan_run(self, self.validate(prompt, height=height, width=width, max_memory=max_memory, **kwargs))
 
+    @torch.no_grad()
+    def decode(self, latents, phase: int, prompt="", **kwargs):
+        """Phase ``phase``'s (1-based) picture from its latents (``on_phase_end``'s), decoded exactly as
+        the call with these arguments decodes it (a resume whose phase has latents but no picture)."""
+        s = self.validate(prompt, **kwargs)
+        plan = plan_run(self, s, estimate_stages=False)
+        try:
+            return self._image(s, plan, phase - 1, latents.to(self.device, torch.float32))
+        finally:
+            self.placement.finish(plan.offload)
+
     # ---- the user call -----------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
