@@ -8,8 +8,8 @@ at every step of every phase.
 import pytest
 import torch
 
-from helpers import max_rel_err
-from helpers.pipeline import record_steps, small_pipeline, transcription
+from tests.helpers import max_rel_err
+from tests.helpers.pipeline import record_steps, small_pipeline, transcription
 
 CASES = [
     # kind, height, width, guidance, steps

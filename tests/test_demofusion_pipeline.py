@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from demofusion.pipeline import Mechanisms
-from helpers.pipeline import record_steps, small_pipeline
+from tests.helpers.pipeline import record_steps, small_pipeline
 
 KW = dict(prompt="a castle", height=384, width=384, num_inference_steps=2, guidance_scale=7.5, seed=5, stride=8,
           output_type="latent")

@@ -15,8 +15,8 @@ from demofusion.ops import gather_views, jitter_range, jitter_views, local_views
 from demofusion.ops.views import _flat_index
 from demofusion.presets import random_components
 from demofusion.pipeline import DemoFusionPipeline
-from helpers.determinism import CudaGuard, NondeterministicOp
-from helpers.pipeline import small_pipeline
+from tests.helpers.determinism import CudaGuard, NondeterministicOp
+from tests.helpers.pipeline import small_pipeline
 
 
 def _mode() -> FakeTensorMode:

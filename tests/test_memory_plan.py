@@ -23,7 +23,7 @@ from demofusion.memory.plan import parse_budget
 from demofusion.pipeline import DemoFusionPipeline
 from demofusion.placement import POLICIES
 from demofusion.presets import random_components
-from helpers.pipeline import small_pipeline
+from tests.helpers.pipeline import small_pipeline
 
 KW = dict(prompt="a castle", height=384, width=384, num_inference_steps=2, guidance_scale=7.5, seed=5, stride=8)
 

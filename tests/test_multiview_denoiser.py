@@ -15,8 +15,8 @@ import torch
 
 from demofusion.cli.common import report_work
 from demofusion.pipeline import DemoFusionPipeline, Mechanisms, view_layout
-from helpers import max_rel_err
-from helpers.pipeline import small_pipeline
+from tests.helpers import max_rel_err
+from tests.helpers.pipeline import small_pipeline
 
 HELPERS = Path(__file__).parent / "helpers"
 RUN = dict(prompt="a castle", height=384, width=256, num_inference_steps=3, seed=5, stride=8,

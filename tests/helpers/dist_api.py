@@ -14,8 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from helpers.pipeline import small_pipeline  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
+from tests.helpers.pipeline import small_pipeline  # noqa: E402
 
 kind, out = sys.argv[1], sys.argv[2]
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:
