@@ -9,6 +9,7 @@ from pathlib import Path
 from ..outputs import check_output_folder, new_run_folder, save_png, write_json
 from .args import ABLATIONS, KNOBS, PLACEMENT_KEYS, RUN_KEYS
 from .control import control_kwargs, control_maps
+from .evaluate import ablate_metrics, check_ablate_metrics
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
 
@@ -78,6 +79,7 @@ def cmd_ablate(args) -> int:
             run_settings({**params, **change}, base, controlnets=nets, **control)
         except CLIError as e:
             raise CLIError(f"cell {name}: {e}") from None
+    check_ablate_metrics(args, base)
     params["stride"] = params["stride"] if params["stride"] is not None else base // 16
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, create=False)  # said before the weights load
@@ -107,4 +109,6 @@ def cmd_ablate(args) -> int:
     save_png(contact_sheet(finals, [n for n, _ in cells]), out / "contact_sheet.png", base_params)
     write_json(out / "ablation.json", record)
     print(f"contact sheet: {out / 'contact_sheet.png'}; settings: {out / 'ablation.json'}")
+    if getattr(args, "metrics", None):
+        ablate_metrics(out, record, args)
     return 0
