@@ -126,7 +126,21 @@ def test_clip_score_equals_torchmetrics_and_reads_prompts_from_our_metadata(file
         save_png(Image.open(f), tagged / f.name, {"prompt": prompt})
     r = evaluate(tagged, clip_model=str(clip), metrics=["clip"], device="cpu")
     given = evaluate(files["gen"], prompts=prompts, clip_model=str(clip), metrics=["clip"], device="cpu")
-    lib = CLIPScore(model_name_or_path=lambda: (CLIPModel.from_pretrained(clip), CLIPProcessor.from_pretrained(clip)))
+    class Tensors(torch.nn.Module):  # transformers 5 returns output objects; torchmetrics 1.9 wants tensors
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def get_image_features(self, pixel_values):
+            out = self.m.get_image_features(pixel_values=pixel_values)
+            return out if torch.is_tensor(out) else out.pooler_output
+
+        def get_text_features(self, input_ids, attention_mask):
+            out = self.m.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            return out if torch.is_tensor(out) else out.pooler_output
+
+    lib = CLIPScore(model_name_or_path=lambda: (Tensors(CLIPModel.from_pretrained(clip)),
+                                                CLIPProcessor.from_pretrained(clip)))
     lib.update(torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)
                             for f in pictures]), prompts)
     assert close(r["clip_score"], float(lib.compute())) and r["clip_score"] == given["clip_score"]
@@ -199,7 +213,7 @@ def test_offline_without_weights_is_one_line_exit_2_nothing_written(files, tmp_p
               f"--clip-model {tmp_path / 'noclip'}")]
     for extra, named in cases:
         rc = main(["evaluate", str(files["gen"]), "--reference", str(files["ref"]), "--json", str(out),
-                   "--save-crops", str(crops), *extra])
+                   "--save-crops", str(crops), "--crop-size", "64", *extra])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and named in err, err
         assert "Traceback" not in err and not out.exists() and not crops.exists()
@@ -223,7 +237,7 @@ def test_ablate_metrics_table_json_plot_match_the_contact_sheet_and_a_cell_reads
     from PIL import Image
 
     out = tmp_path / "abl"
-    assert main(["ablate", "--model", "tiny", "--height", "384", "--width", "384", "--steps", "2", "--seed", "3",
+    assert main(["ablate", "--model", "tiny", "--height", "512", "--width", "512", "--steps", "2", "--seed", "3",
                  "--grid", "full,no-dilated-sampling", "--out", str(out), "--no-progress", "--metrics", "kid,is",
                  "--reference", str(files["ref"]), "--inception-weights", str(files["inception"]),
                  "--crops", "2", "--crop-size", "64", "--eval-device", "cpu"]) == 0

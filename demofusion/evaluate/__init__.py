@@ -18,7 +18,7 @@ from ..devices import resolve_device
 from ..errors import InputError
 from .clip import clip_loader, clip_score
 from .crops import crops_of, prepare_crop_folder, save_crop
-from .inception import BACKENDS, FEATURES, RESIZE, features, inception, weights_sha256
+from .inception import BACKENDS, FEATURES, RESIZE, feature_net, features, weights_sha256
 from .metrics import ALL, counts, scores
 from .sources import ImageSet, image_set, is_run_folder, prompts_for, read_rgb, run_costs, run_phases
 
@@ -82,6 +82,19 @@ def _score_set(images: ImageSet, ref, backend, net, crop, which, seed, save_to):
     return out, used
 
 
+def _check_sizes(sets: list[ImageSet], crop_size: int) -> None:
+    """Every generated picture holds a crop: said before anything is computed or written."""
+    from PIL import Image
+
+    for s in sets:
+        for f in s.files:
+            with Image.open(f) as im:
+                w, h = im.size
+            if min(w, h) < crop_size:
+                raise InputError(f"{f} is {w}×{h}, smaller than --crop-size {crop_size}; pass a --crop-size of at "
+                                 f"most {min(w, h)} (the model's base size is the paper's choice)")
+
+
 def _pictures(images: ImageSet):
     return (read_rgb(f) for f in images.files)
 
@@ -107,11 +120,13 @@ def evaluate(images, reference=None, prompts=None, *, crops: int = 10, crop_size
     ref_set = None if reference is None else image_set(reference, "--reference")
     texts = {s.name: prompts_for(s, prompts) for s in sets} if "clip" in which else {}
     save_to = None if save_crops is None else prepare_crop_folder(save_crops)
+    if crops and which & set(ALL):
+        _check_sizes(sets, crop_size)
     if clip_model is not None and "clip" in which:
         clip_loader(clip_model)  # the folder is checked before any work
     device = resolve_device(device)
     inception_metrics = bool(which & set(ALL))
-    net = inception(backend, inception_weights, device, FEATURES) if inception_metrics else None
+    net = feature_net(backend, inception_weights, device, FEATURES) if inception_metrics else None
     crop = {"count": crops, "size": crop_size, "seed": crop_seed}
     ref = None
     if ref_set is not None and inception_metrics:

@@ -28,11 +28,32 @@ def clip_loader(model: str):
     return partial(_load, model if _is_hub_name(model) else str(path))
 
 
+class Embeddings(torch.nn.Module):
+    """A CLIPModel whose get_image_features / get_text_features return the projected embeddings as a
+    tensor under every transformers version: transformers 5 returns an output object (the embeddings
+    in ``pooler_output``), which torchmetrics' CLIPScore (1.9) cannot read."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
 def _load(source: str):
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        return CLIPModel.from_pretrained(source).eval(), CLIPProcessor.from_pretrained(source)
+        return Embeddings(CLIPModel.from_pretrained(source).eval()), CLIPProcessor.from_pretrained(source)
     except OSError as e:  # offline, or an incomplete folder
         raise InputError(f"--clip-model {source}: cannot load it ({str(e).splitlines()[0][:160]})") from None
 

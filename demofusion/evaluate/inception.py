@@ -64,7 +64,7 @@ def _library(backend: str):
     return cls
 
 
-def inception(backend: str, weights, device="cpu", features=tuple(FEATURES)):
+def feature_net(backend: str, weights, device="cpu", features=tuple(FEATURES)):
     """The library's Inception module for ``backend`` (cached per backend, file and features)."""
     path = None if weights is None else check_weights(weights)
     key = (backend, str(path), str(device), tuple(features))
