@@ -238,7 +238,7 @@ def test_ablate_metrics_table_json_plot_match_the_contact_sheet_and_a_cell_reads
 
     out = tmp_path / "abl"
     assert main(["ablate", "--model", "tiny", "--height", "512", "--width", "512", "--steps", "2", "--seed", "3",
-                 "--grid", "full,no-dilated-sampling", "--out", str(out), "--no-progress", "--metrics", "kid,is",
+                 "--grid", "full,no-dilated-sampling", "--out", str(out), "--no-progress", "--metrics", "kid",
                  "--reference", str(files["ref"]), "--inception-weights", str(files["inception"]),
                  "--crops", "2", "--crop-size", "64", "--eval-device", "cpu"]) == 0
     record = json.loads((out / "ablation.json").read_text())
@@ -251,10 +251,10 @@ def test_ablate_metrics_table_json_plot_match_the_contact_sheet_and_a_cell_reads
     assert Image.open(out / "metrics.png").size[0] > 100
     full = table["cells"][0]
     alone = evaluate([full["image"]], files["ref"], inception_weights=files["inception"], device="cpu",
-                     metrics=["kid", "is"], **CROP)
-    assert alone["kid_crop"] == full["kid_crop"] and alone["is_crop"] == full["is_crop"]
+                     metrics=["kid"], **CROP)
+    assert alone["kid_crop"] == full["kid_crop"] and full["kid_crop"]["mean"] != table["cells"][1]["kid_crop"]["mean"]
     assert full["kid"] is None  # one picture: no whole-picture KID (two samples needed)
     phases = evaluate(out / "full", files["ref"], inception_weights=files["inception"], device="cpu",
-                      metrics=["kid", "is"], **CROP)["phases"]
+                      metrics=["kid"], **CROP)["phases"]
     assert list(phases) == ["phase_1", "phase_2"]
     assert phases["phase_2"]["kid_crop"] == full["kid_crop"]

@@ -49,7 +49,7 @@ def _torch_fidelity(gen, gen_logits, ref, c: Counts, seed: int, which) -> dict:
     from torch_fidelity.metric_kid import kid_features_to_metric
 
     out = {}
-    if "is" in which:
+    if "is" in which and len(gen_logits) > 1:  # one picture's IS is 1 by definition: not a measurement
         r = isc_features_to_metric(gen_logits, c.isc_splits, True, seed)
         out["is"] = {"mean": r["inception_score_mean"], "std": r["inception_score_std"]}
     if ref is None:
@@ -72,7 +72,7 @@ def _torchmetrics(gen, gen_logits, ref, c: Counts, seed: int, which) -> dict:
     out = {}
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws KID subsets and IS order from torch's RNG
         torch.manual_seed(seed)  # seeded before each random metric: one's draws never shift another's
-        if "is" in which:
+        if "is" in which and len(gen_logits) > 1:
             m = InceptionScore(feature=_Features(gen_logits.shape[1]), splits=c.isc_splits)
             m.update(gen_logits)
             mean, std = m.compute()
@@ -118,5 +118,5 @@ STATISTICS = {"torch-fidelity": _torch_fidelity, "torchmetrics": _torchmetrics, 
 def scores(backend: str, gen: torch.Tensor, gen_logits: torch.Tensor, ref: torch.Tensor | None, c: Counts,
            seed: int, which=ALL) -> dict:
     """{"fid": x, "kid": {"mean", "std"}, "is": {"mean", "std"}} (a key is absent where a set is too small:
-    FID and KID need two samples on each side)."""
+    FID and KID need two samples on each side, IS two pictures)."""
     return STATISTICS[backend](gen, gen_logits, ref, c, seed, set(which))
