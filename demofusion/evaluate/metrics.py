@@ -119,4 +119,12 @@ def scores(backend: str, gen: torch.Tensor, gen_logits: torch.Tensor, ref: torch
            seed: int, which=ALL) -> dict:
     """{"fid": x, "kid": {"mean", "std"}, "is": {"mean", "std"}} (a key is absent where a set is too small:
     FID and KID need two samples on each side, IS two pictures)."""
-    return STATISTICS[backend](gen, gen_logits, ref, c, seed, set(which))
+    return {k: _finite(v) for k, v in STATISTICS[backend](gen, gen_logits, ref, c, seed, set(which)).items()}
+
+
+def _finite(value):
+    """A library's non-finite number (IS underflows to NaN on extreme logits) → None: never saved as NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()} if all(_finite(v) is not None or v is None
+                                                                 for v in value.values()) else None
+    return value if value is None or np.isfinite(value) else None
