@@ -106,7 +106,8 @@ def test_torchmetrics_backend_equals_torchmetrics(files):
     is_mean, _ = isc.compute()
     assert close(r["fid"], float(fid.compute()))
     assert close(r["kid"]["mean"], float(kid_mean)) and close(r["kid"]["std"], float(kid_std))
-    assert close(r["is"]["mean"], float(is_mean))
+    lib_is = float(is_mean)  # torchmetrics' IS runs in float32: these random logits underflow it to NaN
+    assert (r["is"] is None and not math.isfinite(lib_is)) or close(r["is"]["mean"], lib_is)
     assert "antialias" in r["protocol"]["resize"]
 
 
