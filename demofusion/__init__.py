@@ -31,6 +31,7 @@ _LAZY = {
     "WeightsError": ("demofusion.weights", "WeightsError"),
     "schedulers": ("demofusion.schedulers", None),
     "ops": ("demofusion.ops", None),
+    "evaluate": ("demofusion.evaluate", "evaluate"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

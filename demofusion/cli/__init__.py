@@ -15,6 +15,7 @@ from . import ranks, streams
 from .ablate import cmd_ablate, contact_sheet
 from .args import ABLATIONS, add_config_flags, build_parser
 from .common import CLIError, load_pipeline, model_fingerprint
+from .evaluate import cmd_evaluate, register
 from .generate import cmd_generate, cmd_upscale
 
 __all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "load_pipeline", "model_fingerprint",
@@ -62,7 +63,7 @@ def cmd_ui(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "upscale": cmd_upscale, "ablate": cmd_ablate, "download": cmd_download,
-            "inspect": cmd_inspect, "ui": cmd_ui}
+            "inspect": cmd_inspect, "ui": cmd_ui, "evaluate": cmd_evaluate}
 
 
 def _line(e: BaseException) -> str:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = register(build_parser()).parse_args(argv)  # + evaluate, ablate --metrics
     except SystemExit as e:  # a bad command line (one line said) → 2; --help / --version → 0
         return e.code if isinstance(e.code, int) else 0
     debug = getattr(args, "debug", False)

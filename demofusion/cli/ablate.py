@@ -11,6 +11,7 @@ from ..config import knobs
 from .args import ABLATIONS, PLACEMENT_KEYS, RUN_KEYS
 from .control import control_kwargs, control_maps
 from .preflight import check_files
+from .evaluate import ablate_metrics, check_ablate_metrics
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
 
@@ -83,6 +84,7 @@ def cmd_ablate(args) -> int:
             run_settings({**params, **change}, base, controlnets=nets, **control)
         except CLIError as e:
             raise CLIError(f"cell {name}: {e}") from None
+    check_ablate_metrics(args, base)
     params["stride"] = run_settings(params, base, controlnets=nets, **control).stride  # recorded as resolved
     if args.out is not None:
         check_output_folder(args.out, args.overwrite, create=False, resumable=False)  # said before the weights load
@@ -112,4 +114,6 @@ def cmd_ablate(args) -> int:
     save_png(contact_sheet(finals, [n for n, _ in cells]), out / "contact_sheet.png", base_params)
     write_json(out / "ablation.json", record)
     print(f"contact sheet: {out / 'contact_sheet.png'}; settings: {out / 'ablation.json'}")
+    if getattr(args, "metrics", None):
+        ablate_metrics(out, record, args)
     return 0
