@@ -126,7 +126,7 @@ def test_model_sigma_choice_follows_unless_asked():
 
 def test_a1111_names_round_trip_through_the_png_text():
     """Acceptance 6 (text level): the PNG ``parameters`` chunk, read by the independent A1111 parser."""
-    from test_outputs import BASE, parse_a1111
+    from tests.test_outputs import BASE, parse_a1111
 
     from demofusion.outputs import a1111_parameters
 

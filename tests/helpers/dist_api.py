@@ -22,7 +22,7 @@ if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     dist.init_process_group("gloo")
 pipe = small_pipeline("turbo" if kind == "turbo" else "sdxl")
 if kind == "ab2":
-    from test_multiview_denoiser import AdamsBashforth2  # noqa: E402
+    from tests.test_multiview_denoiser import AdamsBashforth2  # noqa: E402
 
     pipe.scheduler = AdamsBashforth2(pipe.scheduler)
 result = pipe("a castle", height=384, width=256, num_inference_steps=2, guidance_scale=0.0 if kind == "turbo" else 7.5,
