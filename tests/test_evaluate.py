@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from demofusion.cli import main
 from demofusion.evaluate import evaluate
-from helpers.eval_weights import save_pictures, write_random_clip, write_random_inception
+from tests.helpers.eval_weights import save_pictures, write_random_clip, write_random_inception
 
 TOL = 1e-4  # relative, the acceptance tolerance
 CROP = {"crops": 2, "crop_size": 64, "crop_seed": 0}
