@@ -9,7 +9,7 @@ networks with seeded random weights: real shapes and cost, noise images, no down
 ``--compile MODE`` compiles the UNet and runs the job once untimed first (``--warmup``).
 
 ``--count-only`` prints the analytic work of a real SDXL run (single-sample 128² UNet
-evaluations per phase × 6.76e12 FLOPs each, DESIGN.md §5) without running anything. With a
+evaluations per phase × 6.76e12 FLOPs each, docs/benchmarks.md) without running anything. With a
 model it runs the pipeline and reports per-phase UNet calls (batched) and seconds; on CUDA it
 also reports peak memory and achieved TFLOP/s from the counted FLOPs (``--flops-per-eval``).
 """
@@ -24,7 +24,7 @@ import torch
 from demofusion.pipeline.algorithm import unet_evaluations, view_layout
 from demofusion.pipeline.settings import validate
 
-SDXL_FLOPS_128 = 6.76e12  # one UNet forward, batch 1, 128² latent (DESIGN.md §5)
+SDXL_FLOPS_128 = 6.76e12  # one UNet forward, batch 1, 128² latent (docs/benchmarks.md)
 SDXL_FLOPS = {128: SDXL_FLOPS_128, 64: 1.59e12, 32: 4.28e11}  # by window (latent side)
 
 

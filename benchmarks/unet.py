@@ -87,7 +87,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     diff = ((outs["ours"].float() - outs["diffusers"].float()).abs().max()
             / outs["diffusers"].float().abs().max()).item()
-    flops = 4.28e11 * b * (h * w) / (32 * 32)  # DESIGN §5 count at 32², scaled by area (approx.)
+    flops = 4.28e11 * b * (h * w) / (32 * 32)  # docs/benchmarks.md count at 32², scaled by area (approx.)
     print(f"SDXL UNet forward, {dev.type} {args.dtype}, batch {b}, latent {h}x{w}, {args.repeats} repeats, "
           f"{args.threads} threads")
     for k in runs:

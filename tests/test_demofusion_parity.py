@@ -1,4 +1,4 @@
-"""Step parity: the pipeline's per-step latents equal a loop transcription of DESIGN.md §3.
+"""Step parity: the pipeline's per-step latents equal a loop transcription of docs/algorithm.md.
 
 Jitter off, identical noise (the transcription draws it in the pipeline's documented order),
 fp32, tiny components with a 16-latent window, 3 phases. Tolerance: max|Δ| ≤ 1e-5·max|ref|

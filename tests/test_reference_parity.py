@@ -1,4 +1,4 @@
-"""Our pipeline against the PRIS-CV reference DemoFusion pipeline itself (DESIGN.md §4).
+"""Our pipeline against the PRIS-CV reference DemoFusion pipeline itself (docs/parity.md).
 
 Skipped unless ``DEMOFUSION_REFERENCE`` names a copy of the reference's
 ``pipeline_demofusion_sdxl.py`` kept outside this repository (docs/parity-reference.md says how
@@ -10,7 +10,7 @@ are saved to. Jitter is off (the reference's ``random.randint`` returns 0, ours
 - ``reference_compat=True``: every step of every phase equals the reference as it is, stale
   input scaling included, for two ``view_batch_size`` values (the reference's result depends on it).
 - default mode: equals the reference with its input scaling corrected (σ of the current step for
-  every UNet batch) — the only difference DESIGN.md §3 quirk 1 allows for square targets.
+  every UNet batch) — the only difference docs/algorithm.md, reference quirk 1 allows for square targets.
 - a non-square target in ``reference_compat=True``: same steps; the images agree wherever the
   reference's are defined (it decodes phase 2 of 256×384 to 170 rows, the last two 0/0 = NaN;
   ours to the 168 rows its 21 latent rows give).
@@ -81,7 +81,7 @@ def test_reference_compat_reproduces_reference(setup, view_batch_size):
 
 
 def test_reference_depends_on_view_batch_size(setup):
-    """The fact reference_compat exists for (DESIGN §3 quirk 1): batching changes its result."""
+    """The fact reference_compat exists for (docs/algorithm.md, reference quirk 1): batching changes its result."""
     a, b = reference(setup, 4), reference(setup, 16)
     assert_steps_equal(a["steps"][:1], b["steps"][:1], "phase 1 is not batched")
     assert max_rel_err(a["steps"][1][0], b["steps"][1][0]) > 1e-3

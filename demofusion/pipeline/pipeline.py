@@ -225,7 +225,7 @@ class DemoFusionPipeline:
         truncate_prompts: bool = False,
         **knobs,
     ) -> DemoFusionOutput:
-        """Generate ``height × width`` with DemoFusion. See DESIGN.md §2/§3 and docs/pipeline.md.
+        """Generate ``height × width`` with DemoFusion. See docs/pipeline.md and docs/algorithm.md.
 
         Every argument is checked first (:meth:`validate`); a bad one raises a one-line
         :class:`~demofusion.errors.InputError`, and NaN/Inf appearing during the run a

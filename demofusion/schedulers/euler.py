@@ -95,7 +95,7 @@ class _SigmaScheduler(Scheduler):
 
     def scale_model_input_at(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
         """x/√(σ²+1) with σ = ``sigmas[step_index]`` (index n: the final σ). For reproducing the
-        reference pipeline's stale input scaling (DESIGN §3 quirk 1)."""
+        reference pipeline's stale input scaling (docs/algorithm.md, reference quirk 1)."""
         self._require_schedule("scale_model_input_at")
         return sample / (self.sigmas[step_index] ** 2 + 1) ** 0.5
 

@@ -1,4 +1,4 @@
-"""Small DemoFusion pipelines for tests, and a plain loop transcription of DESIGN.md §3."""
+"""Small DemoFusion pipelines for tests, and a plain loop transcription of docs/algorithm.md."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def record_steps(pipe, **kw):
     return out, steps
 
 
-# ---- DESIGN.md §3 written as plain loops (slicing, one UNet call and one step per view) ---------
+# ---- docs/algorithm.md written as plain loops (slicing, one UNet call and one step per view) ---------
 def _guided_eps(pipe, x, t, cond, crop, guidance, control=None, image=None, i=0, steps=1):
     """ε for one view: unconditional and conditional UNet calls, combined by CFG. ``control``:
     dict(nets, scales, starts, ends, guess) and ``image``: this view's control image per net."""
@@ -102,7 +102,7 @@ def _blur2d(x, size, std):
 
 def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1=3.0, a2=1.0, a3=1.0, sigma=0.8,
                   control=None):
-    """Per-step latents {(phase, step): z} of DESIGN.md §3 with jitter off, drawing noise in the
+    """Per-step latents {(phase, step): z} of docs/algorithm.md with jitter off, drawing noise in the
     pipeline's documented order (phase generators from the seed; ε_k; one canvas noise per step
     for stochastic samplers). ``control``: dict(nets, images, scales, starts, ends, guess): the
     ControlNet default mode of docs/controlnet.md (each phase's image from the original; crops

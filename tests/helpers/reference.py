@@ -231,7 +231,7 @@ def run_reference(mod, pipe, *, prompt, height, width, num_inference_steps, guid
                   latents, upscale_noise, fixed_scaling=False, **kwargs) -> dict:
     """Run the reference with no jitter and the given noise; return what it computed.
 
-    ``fixed_scaling=True`` corrects its one bug (DESIGN §3 quirk 1) from outside: the scheduler's
+    ``fixed_scaling=True`` corrects its one bug (docs/algorithm.md, reference quirk 1) from outside: the scheduler's
     step index is re-seated from ``t`` before every ``scale_model_input`` call.
 
     Returns ``steps`` (per phase, a list of per-step latents), ``latents`` (per phase, the
