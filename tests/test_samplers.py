@@ -10,29 +10,13 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 import demofusion.schedulers as S  # noqa: E402
+from tests.helpers.toy import rel, standin_model as toy_model  # noqa: E402
 
 TOL = 1e-5  # max|Δ| ≤ TOL·max|ref| at every step
 SPACINGS = ("leading", "trailing", "linspace")
 SIGMAS = (None, "karras", "exponential")
 NS = (4, 10, 25)  # fewer and more than 15 steps (DPM's lower_order_final threshold)
 SIGMA_KEYS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas"}
-
-
-def toy_model(seed=0):
-    """A fixed random conv net: ε(x, t) depends on x and t."""
-    g = torch.Generator().manual_seed(seed)
-    w1, w2 = torch.randn(8, 4, 3, 3, generator=g) / 6, torch.randn(4, 8, 3, 3, generator=g) / 8
-    tv = torch.randn(1, 8, 1, 1, generator=g)
-
-    def model(x, t):
-        h = torch.nn.functional.conv2d(x, w1, padding=1) + tv * (float(t) / 1000)
-        return torch.nn.functional.conv2d(torch.tanh(h), w2, padding=1)
-
-    return model
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 def pair(cls, sigmas=None, **over):

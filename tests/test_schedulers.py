@@ -10,6 +10,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 import demofusion.schedulers as S  # noqa: E402
+from tests.helpers.toy import rel, standin_model  # noqa: E402
 from demofusion.schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler,  # noqa: E402
                                    EulerDiscreteScheduler)
 
@@ -24,24 +25,6 @@ def pair(name, cfg, **over):
     """(ours, diffusers') scheduler of class ``name`` from the same config dict."""
     c = dict(cfg, **over)
     return S.SCHEDULERS[name].from_config(c), getattr(diffusers, name).from_config(c)
-
-
-def standin_model(seed=0):
-    """Fixed random conv net standing in for the UNet; output depends on x and t."""
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(8, 4, 3, 3, generator=g) / 6
-    w2 = torch.randn(4, 8, 3, 3, generator=g) / 8
-    tv = torch.randn(1, 8, 1, 1, generator=g)
-
-    def model(x, t):
-        h = torch.nn.functional.conv2d(x, w1, padding=1) + tv * (float(t) / 1000)
-        return torch.nn.functional.conv2d(torch.tanh(h), w2, padding=1)
-
-    return model
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 # ----------------------------------------------------------------------------- schedules
