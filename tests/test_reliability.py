@@ -195,6 +195,14 @@ def test_ablate_checks_its_files_too(files, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_prompts_batch_checks_its_files_too(files, capsys, tmp_path):
+    d, _, _ = files
+    (tmp_path / "prompts.txt").write_text("a lighthouse\na harbour\n")
+    one_error(capsys, ["generate", *SMALL, "--prompts", tmp_path / "prompts.txt", "--vae", d / UNET,
+                       "--out", tmp_path / "o"], "--vae", "a UNet alone")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_tiny_model_folder_passes_the_checks(files):
     # (a whole run from such a folder: tests/test_inspect.py::test_generate_from_a_model_folder)
     from demofusion.cli.preflight import check_files

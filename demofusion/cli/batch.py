@@ -21,6 +21,7 @@ from .args import PLACEMENT_KEYS, RUN_KEYS
 from .control import control_hashes, control_kwargs, control_maps, net_hashes
 from .common import CLIError, base_size_of, load_pipeline, model_fingerprint, parse_loras, run_settings, sampler_name
 from .folder import RunFolder
+from .preflight import check_files
 
 MANIFEST = "manifest.json"
 
@@ -71,6 +72,7 @@ def cmd_prompts(args, params: dict, run_id) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file; give a folder")
     base = base_size_of(params["model"])
+    check_files(params)  # model, VAE, LoRAs, ControlNets: there, readable, of the right kind (headers only)
     control = control_kwargs(params, control_maps(params))  # the same ControlNets for every prompt
     params["control_sha256"] = control_hashes(params)
     settings = _check_lines(args, params, lines, base, control)  # every line and flag checked before loading
