@@ -15,10 +15,9 @@ from typing import Callable
 
 import torch
 
-from ..config import (GUIDANCE_MAX, MAX_PHASES, DemoFusionConfig, check_bool, check_float, check_int, knobs, split_overrides,
-                      with_overrides)
+from ..config import (GUIDANCE_MAX, MAX_PHASES, DemoFusionConfig, check_bool, check_float, check_int, knobs, parse_budget,
+                      split_overrides, with_overrides)
 from ..errors import InputError
-from ..memory.plan import parse_budget
 from ..placement import POLICIES
 from . import mechanisms as M
 
