@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 
 from .errors import InputError
@@ -290,3 +291,27 @@ class DemoFusionConfig:
     def __post_init__(self):
         for k in knobs(type(self)):  # a config holds checked values only
             object.__setattr__(self, k.name, k.check(getattr(self, k.name)))
+
+
+# Memory sizes a user writes (max_memory): decimal and binary units.
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(v, name: str = "max_memory"):
+    """``max_memory`` → bytes (int), ``"auto"`` or None. Strings: a number and a unit, "8GB" (10⁹
+    bytes), "8GiB" (2³⁰), "7.5 GiB", "8000MB"; an int is bytes."""
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v <= 0:
+            raise InputError(f"{name} {v}: a budget must be positive; write it like 8GB or 8GiB")
+        return v
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)\s*", v, re.I) if isinstance(v, str) else None
+    if m is None:
+        raise InputError(f"{name} {v!r}: not a memory size; write it like 8GB (10⁹ bytes), 8GiB (2³⁰), 7.5GiB "
+                         "or 8000MB, or auto (the device's free memory)")
+    n = int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise InputError(f"{name} {v!r}: a budget must be positive")
+    return n

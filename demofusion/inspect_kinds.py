@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .inspect_report import ComponentReport, Report, _meta
+
 FP16_MAX = 65504.0  # the largest finite float16
 _NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 USAGE = {
@@ -65,7 +67,6 @@ def check_values(rep, tensors) -> None:
 
 def lora_report(path: Path, file: Path, header: dict, problems: list[str]):
     """A LoRA file: its layout and targets (read and checked as loading reads it, values too)."""
-    from .inspect import ComponentReport, Report
     from .lora import LoraError, read_lora
 
     rep = ComponentReport("lora", str(file), sum(math.prod(v["shape"]) for v in header.values()),
@@ -86,7 +87,6 @@ def controlnet_report(path: Path, file: Path, header: dict, problems: list[str])
     """An SDXL ControlNet: keys and shapes against the ControlNet its config (or shapes) describes."""
     from .controlnet import ControlNet, ControlNetConfig
     from .controlnet.loading import infer_controlnet_config
-    from .inspect import ComponentReport, Report, _meta
     from .weights import WeightsError, build_meta, fit_problems, read_config, word_fit_problems
 
     rep = ComponentReport("controlnet", str(file), sum(math.prod(v["shape"]) for v in header.values()),
@@ -112,7 +112,6 @@ def controlnet_report(path: Path, file: Path, header: dict, problems: list[str])
 
 def tiny_report():
     """The ``tiny`` preset: built in memory from a fixed seed, no files."""
-    from .inspect import ComponentReport, Report
     from .presets import tiny_components
 
     unet, vae, text, _ = tiny_components()

@@ -7,26 +7,12 @@ scheduler); only the weights are seeded noise, so its images are noise too.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
-
-def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded weights: matrices/convs ~ N(0, 1/fan_in), norm gains 1 + 0.1·N, biases 0.1·N.
-    Parameters on the meta device (shapes only) are left as they are."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            if p.is_meta:
-                continue
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                r = r / math.sqrt(p[0].numel())
-            else:
-                r = 1 + 0.1 * r if name.endswith("weight") else 0.1 * r
-            p.copy_(r.to(p.dtype))
-    return module
+# random_init_ lives below the component packages (text builds its presets with it); still
+# importable from here.
+from .weights.seeded import random_init_
 
 
 def tiny_components(seed: int = 0, device="cpu", dtype=torch.float32):

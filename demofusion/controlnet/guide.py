@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import check_bool, check_float
 from ..errors import InputError
 
 try:
@@ -44,8 +45,6 @@ class Control:
 
 def _per_net(name: str, v, n: int, lo: float, hi: float) -> tuple:
     """A number, or a list of one number per ControlNet."""
-    from ..pipeline.settings import check_float
-
     many = isinstance(v, (list, tuple))
     if many and len(v) != n:
         raise InputError(f"{name} has {len(v)} entries for {n} ControlNet(s); give one number or {n}")
@@ -56,7 +55,6 @@ def check_control(n: int, batch: int, control_image=None, controlnet_conditionin
                   control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False) -> Control | None:
     """The control arguments of a call on a pipeline with ``n`` ControlNets (None when n = 0)."""
     from ..images import control_to_tensor
-    from ..pipeline.settings import check_bool
 
     if n == 0:
         given = control_image is not None or guess_mode or controlnet_conditioning_scale != 1.0 or \

@@ -16,11 +16,11 @@ Smaller VAE tiles move the cross-fades: the latents are the same, the image diff
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch
 
+from ..config import UNITS, parse_budget  # noqa: F401  (re-exported: parse_budget lives in config)
 from ..errors import InputError
 from ..placement import POLICIES
 from .fake import _once, controlnet_call_peak, fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
@@ -29,27 +29,6 @@ from .stages import Stage, _latent_bytes, decode_peak, unet_calls
 
 DEFAULT_VIEW_BATCH = 16
 SMALLER_TILES = (96, 64, 48, 32)  # latents: only when nothing else fits
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_budget(v, name: str = "max_memory"):
-    """``max_memory`` → bytes (int), ``"auto"`` or None. Strings: a number and a unit, "8GB" (10⁹
-    bytes), "8GiB" (2³⁰), "7.5 GiB", "8000MB"; an int is bytes."""
-    if v is None or v == "auto":
-        return v
-    if isinstance(v, int) and not isinstance(v, bool):
-        if v <= 0:
-            raise InputError(f"{name} {v}: a budget must be positive; write it like 8GB or 8GiB")
-        return v
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)\s*", v, re.I) if isinstance(v, str) else None
-    if m is None:
-        raise InputError(f"{name} {v!r}: not a memory size; write it like 8GB (10⁹ bytes), 8GiB (2³⁰), 7.5GiB "
-                         "or 8000MB, or auto (the device's free memory)")
-    n = int(float(m.group(1)) * UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise InputError(f"{name} {v!r}: a budget must be positive")
-    return n
 
 
 def fmt(n: int) -> str:

@@ -46,6 +46,8 @@ def view_paths(s, k: int, layout=None) -> list[tuple[str, int, tuple[int, int], 
     ``mechanisms.view_layout``, default :func:`~demofusion.pipeline.algorithm.view_layout`) batched
     as the run's policy batches it (:meth:`~demofusion.pipeline.reference.Policy.batches`: paths of
     one shape together, unless ``reference_compat``)."""
+    # lazy (here and below): avoids the cycle memory.stages → pipeline (its __init__) →
+    # pipeline.pipeline → memory.plan → memory.stages; the pipeline sits above the memory planner
     from ..pipeline.algorithm import view_layout
     from ..pipeline.reference import policy_for
 

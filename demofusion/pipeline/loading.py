@@ -51,7 +51,7 @@ def pretrained(cls, path_or_preset, device, dtype, kind, scheduler, variant, vae
     """``cls.from_pretrained``: the components loaded (into CPU memory when a budget, an offload
     policy or fp8 will place them), the VAE swapped, fp8 applied, the ControlNets loaded."""
     from ..devices import default_dtype, resolve_device
-    from ..memory.plan import parse_budget
+    from ..config import parse_budget
     from ..schedulers import by_name, is_sampler_name
     from .settings import _check_offload
 

@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from ..config import (GUIDANCE_MAX, MAX_PHASES, DemoFusionConfig, check_bool, check_float, check_int, knobs, split_overrides,
-                      with_overrides)
+from ..config import (GUIDANCE_MAX, MAX_PHASES, DemoFusionConfig, check_bool, check_float, check_int, knobs, parse_budget,
+                      split_overrides, with_overrides)
+from ..controlnet.guide import check_control
 from ..errors import InputError
-from ..memory.plan import parse_budget
 from ..placement import POLICIES
 from . import mechanisms as M
 
@@ -228,8 +228,6 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
     names given as keywords override it (``stride=32``, ``cosine_scale_1=2.0`` …), checked by the
     config's own field metadata. ``controlnets``: how many ControlNets the pipeline has; the
     control arguments are theirs."""
-    from ..controlnet.guide import check_control
-
     overrides, switches = split_overrides(switches, type(config) if isinstance(config, DemoFusionConfig) else None)
     unknown = set(switches) - set(SWITCHES)
     if unknown:

@@ -24,6 +24,7 @@ from demofusion.weights import (
     read_tensors,
     resolve_component,
 )
+from demofusion.weights.seeded import random_init_
 
 from . import prompts
 from .clip import CLIPTextConfig, CLIPTextModel
@@ -161,8 +162,6 @@ class TextEncoders:
     def preset(cls, name: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu") -> "TextEncoders":
         """Random-weight encoders with byte-level tokenizers, built offline: ``"tiny"``, or
         ``"sdxl"`` (CLIP ViT-L + bigG at their real sizes, for benchmarks)."""
-        from ..presets import random_init_
-
         presets = {"tiny": ("tiny-l", "tiny-g"), "sdxl": ("clip-l", "bigg")}
         if name not in presets:
             raise ValueError(f"unknown text preset {name!r}; choose one of {sorted(presets)}")
