@@ -124,7 +124,7 @@ def scores(backend: str, gen: torch.Tensor, gen_logits: torch.Tensor, ref: torch
 
 def _finite(value):
     """A library's non-finite number (IS underflows to NaN on extreme logits) → None: never saved as NaN."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()} if all(_finite(v) is not None or v is None
-                                                                 for v in value.values()) else None
+    if isinstance(value, dict):  # e.g. IS over one split: a finite mean, a NaN std → std None
+        value = {k: _finite(v) for k, v in value.items()}
+        return None if value.get("mean", 0) is None or all(v is None for v in value.values()) else value
     return value if value is None or np.isfinite(value) else None
