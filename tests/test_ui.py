@@ -359,6 +359,8 @@ def test_ui_refuses_invalid_knobs_in_the_page(page, server):
     """Issue 21 item 18 in the browser: stride 0 and 2.5 steps are refused with the CLI's words, not
     replaced by the default stride or 2 steps; nothing starts."""
     pg = page
+    pg.goto(server[0])  # a fresh page: the earlier tests' values stay in the fields otherwise
+    pg.wait_for_selector("#df-generate")
     pg.get_by_text("DemoFusion knobs").click()  # open the accordion
     _set(pg, "a lighthouse at dawn", height=256, width=256, num_inference_steps=2)
     box = pg.locator("#df-stride input, #df-stride textarea").first
@@ -379,6 +381,8 @@ def test_ui_refuses_invalid_knobs_in_the_page(page, server):
 
 def test_ui_stop_keeps_phase_one_then_generates_again(page, server):
     pg = page
+    pg.goto(server[0])  # a fresh page (see above)
+    pg.wait_for_selector("#df-generate")
     _set(pg, "a lighthouse at dawn", height=512, width=768, num_inference_steps=6)
     pg.click("#df-generate")
     pg.wait_for_selector("#df-phases img", timeout=120_000)  # phase 1 is shown: stop now
