@@ -68,7 +68,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
 
         Predictor (even j): d = (x − x̂₀(σ))/σ, x' = x + (σ' − σ)·d, remembering (d, σ' − σ, x).
         Corrector (odd j, x = the predictor's x'): d' = (x − x̂₀(σ'))/σ', result x_pred_in + (σ' − σ)·(d + d')/2.
-        The corrector must follow its predictor (j − 1) on the same latent.
+        The corrector must follow its predictor (j − 1). Its result is built from the predictor's
+        sample, so a change made to the latent between the two (DemoFusion's skip residual) shapes d′ only.
         """
         self._require_schedule("step_at")
         x, out = sample.float(), model_output.float()

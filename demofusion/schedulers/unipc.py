@@ -50,9 +50,10 @@ class UniPCMultistepScheduler(MultistepSolver):
     ``disable_corrector`` (step indices whose correction is skipped). σ schedules: the model's,
     Karras, exponential (``sigma_min``/``sigma_max`` bound the latter two when set).
 
-    The corrector rewrites the sample it is given from the *previous* sample and x̂₀: a caller that
-    changes the latent between steps (e.g. DemoFusion's skip residual) should apply that change to
-    what ``step_at`` returns, knowing the next call corrects it from the returned value.
+    The corrector recomputes the previous step from the *previous* sample and x̂₀. It moves the
+    sample it is given by the correction it makes to its own prediction (x_c − x_p), so a change a
+    caller makes to the latent between steps (DemoFusion's skip residual) is kept; a caller that
+    passes back what ``step_at`` returned gets UniC's x_c exactly (docs/schedulers.md).
     """
 
     _defaults = dict(SOLVER_COMMON, steps_offset=1, timestep_spacing="leading", beta_start=0.00085,
@@ -71,6 +72,7 @@ class UniPCMultistepScheduler(MultistepSolver):
         super()._reset_history()
         self._last_sample = None  # the sample the previous step predicted from (after its correction)
         self._last_order = None
+        self._last_out = None  # what the previous step returned (its UniP prediction x_p)
 
     def _sigma_range(self):
         smin, smax = super()._sigma_range()
@@ -110,11 +112,14 @@ class UniPCMultistepScheduler(MultistepSolver):
         x0 = self._data_prediction(x, model_output.float(), i)
         consecutive = self._last_index is not None and i == self._last_index + 1
         if consecutive and (i - 1) not in self.config["disable_corrector"] and self._last_sample is not None:
-            x = self._update(self._last_sample, self._history, i - 1, i, self._last_order, i - 1, corrector_out=x0)
+            x_c = self._update(self._last_sample, self._history, i - 1, i, self._last_order, i - 1, corrector_out=x0)
+            x = x_c + (x - self._last_out.float())  # the caller's change since x_p kept (0 if none: exactly x_c)
         earlier = self._remember(i, x0)
         n = len(self.sigmas) - 1
         order = min(self.config["solver_order"], n - i) if self.config["lower_order_final"] \
             else self.config["solver_order"]
         order = min(order, earlier + 1)
         self._last_sample, self._last_order = x, order
-        return self._update(x, self._history, i, i + 1, order, i).to(sample.dtype)
+        out = self._update(x, self._history, i, i + 1, order, i).to(sample.dtype)
+        self._last_out = out.clone()  # a copy: a caller changing ``out`` in place still counts as a change
+        return out
