@@ -101,13 +101,24 @@ def _blur2d(x, size, std):
 
 
 def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1=3.0, a2=1.0, a3=1.0, sigma=0.8,
-                  control=None):
+                  control=None, scheduler=None, whole_latent=False):
     """Per-step latents {(phase, step): z} of docs/algorithm.md with jitter off, drawing noise in the
     pipeline's documented order (phase generators from the seed; ε_k; one canvas noise per step
     for stochastic samplers). ``control``: dict(nets, images, scales, starts, ends, guess): the
     ControlNet default mode of docs/controlnet.md (each phase's image from the original; crops
-    per window, edge-padded; s×s box averages per dilated sub-latent)."""
-    sched = pipe.scheduler
+    per window, edge-padded; s×s box averages per dilated sub-latent).
+
+    ``whole_latent``: instead of the paper's order (every view stepped, the stepped views merged
+    and fused), the views' *predictions* are merged and fused and ``scheduler`` (default the
+    pipeline's; e.g. a diffusers scheduler, deterministic) steps the whole latent once per step,
+    its ``set_timesteps`` restarting it every phase."""
+    sched = scheduler or pipe.scheduler
+    diffusers = scheduler is not None and not hasattr(scheduler, "step_at")
+
+    def step(eps, t, z, noise=None):
+        if diffusers:  # a diffusers scheduler: its own step counter, a SchedulerOutput
+            return sched.step(eps, t, z, return_dict=False)[0]
+        return sched.step(eps, t, z, noise=noise)
     base = pipe.unet.config.sample_size * 8
     win = base // 8
     S = max(1, int(max(height, width) / base))
@@ -130,7 +141,7 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
         noise = torch.randn(z.shape, generator=g) if ancestral else None
         eps = _guided_eps(pipe, sched.scale_model_input(z, t), t, cond, (0, 0), guidance, i=i,
                           image=images if control else None, **ctl)
-        z = sched.step(eps, t, z, noise=noise)
+        z = step(eps, t, z, noise=noise)
         rec[(1, i)] = z.clone()
     mean1, std1 = z.mean(), z.std()
 
@@ -139,12 +150,13 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
         h, w = sizes[k][0] // 8, sizes[k][1] // 8
         z_up = F.interpolate(z, size=(h, w), mode="bicubic")
         eps_noise = torch.randn(z_up.shape, generator=g)
-        z = sched.add_noise(z_up, eps_noise, ts[0])
+        sched.set_timesteps(steps)  # every phase restarts the sampler (its history, diffusers' step counter)
+        z = sched.add_noise(z_up, eps_noise, ts[:1])
         if control is not None:
             images = [control_phase_image(im, sizes[k]) for im in control["images"]]
         for i, t in enumerate(ts):
             c = 0.5 * (1 + math.cos(math.pi * (1000 - float(t)) / 1000))
-            z = (1 - c**a1) * z + c**a1 * sched.add_noise(z_up, eps_noise, t)
+            z = (1 - c**a1) * z + c**a1 * sched.add_noise(z_up, eps_noise, ts[i : i + 1])
             noise = torch.randn(z.shape, generator=g) if ancestral else torch.zeros_like(z)
             # local paths
             J = (win - stride) // 4
@@ -161,9 +173,9 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
                     eps = _guided_eps(pipe, sched.scale_model_input(v, t), t, cond, (a0 * 8, b0 * 8), guidance, i=i,
                                       image=crop, **ctl)
                     nz = npad[:, :, a0 : a0 + wh, b0 : b0 + ww] if ancestral else None
-                    value[:, :, a0 : a0 + wh, b0 : b0 + ww] += sched.step(eps, t, v, noise=nz)
+                    value[:, :, a0 : a0 + wh, b0 : b0 + ww] += eps if whole_latent else step(eps, t, v, noise=nz)
                     count[:, :, a0 : a0 + wh, b0 : b0 + ww] += 1
-            z_local = (value / count)[:, :, J : J + h, J : J + w]
+            z_local = (value / count)[:, :, J : J + h, J : J + w]  # whole_latent: ε_local
             # global paths (dilated sampling)
             ph, pw = (-h) % s, (-w) % s
             zg, ng = F.pad(z, (pw, 0, ph, 0)), F.pad(noise, (pw, 0, ph, 0))
@@ -178,9 +190,10 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
                     eps = _guided_eps(pipe, sched.scale_model_input(blurred[:, :, a::s, b::s], t), t, cond, (0, 0),
                                       guidance, i=i, image=sub, **ctl)
                     nz = ng[:, :, a::s, b::s] if ancestral else None
-                    out[:, :, a::s, b::s] = sched.step(eps, t, zg[:, :, a::s, b::s], noise=nz)
-            z_global = out[:, :, ph:, pw:]
-            z = (1 - c**a2) * z_local + c**a2 * z_global
+                    out[:, :, a::s, b::s] = eps if whole_latent else step(eps, t, zg[:, :, a::s, b::s], noise=nz)
+            z_global = out[:, :, ph:, pw:]  # whole_latent: ε_global
+            fused = (1 - c**a2) * z_local + c**a2 * z_global
+            z = step(fused, t, z, noise=noise if ancestral else None) if whole_latent else fused
             rec[(s, i)] = z.clone()
         z = (z - z.mean()) / z.std() * std1 + mean1
     return rec
