@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..ops import (dilate, gather_views, gaussian_blur, jitter_range, jitter_views, match_mean_std, pad_to_multiple,
                    scatter_add_views, undilate, view_starts)
+from .draws import Corners
 from .reference import DEFAULT, Policy
 
 VAE_SCALE = 8  # pixels per latent
@@ -133,8 +134,9 @@ def unet_evaluations(s, layout=view_layout) -> list[int]:
 class Views:
     """The views of one path cut from a latent z [B,C,H,W] at one step: ``model_in`` [N·B,C,h,w]
     (view-major) is what the UNet sees, ``crops`` [N·B,2] their crop coordinates in px;
-    ``corners`` (local: corners in z padded by the margin) and ``pad`` (global: rows/columns
-    added top/left) say where they sit, for :meth:`merge`, :meth:`cut` and :meth:`pixels`."""
+    ``corners`` (local: corners in z padded by the margin, on z's device; ``corners_host`` the same
+    on the host) and ``pad`` (global: rows/columns added top/left) say where they sit, for
+    :meth:`merge`, :meth:`cut` and :meth:`pixels`."""
 
     layout: PathLayout
     model_in: torch.Tensor
@@ -142,6 +144,7 @@ class Views:
     size: tuple[int, int]
     corners: torch.Tensor | None = None
     pad: tuple[int, int] = (0, 0)
+    corners_host: torch.Tensor | None = None
 
     @property
     def path(self) -> str:
@@ -165,7 +168,7 @@ class Views:
         z's pixel size as the latent views are (``policy``: padding and sampling)."""
         n = self.layout.count - first if n is None else n
         if self.path == "local":
-            return window_pixels(image, self.corners[first : first + n], self.layout.shape, self.layout.margin,
+            return window_pixels(image, self.corners_host[first : first + n], self.layout.shape, self.layout.margin,
                                  policy.control_pad)
         if self.path == "global":
             return dilated_pixels(image, self.layout.dilation, self.pad, policy.control_sample, first, n)
@@ -174,19 +177,32 @@ class Views:
 
 def whole_view(z: torch.Tensor, layout: PathLayout) -> Views:
     """Phase 1: the whole latent is the only view, uncropped."""
-    return Views(layout, z, torch.zeros(z.shape[0], 2, dtype=torch.long), tuple(z.shape[-2:]))
+    return Views(layout, z, torch.zeros(z.shape[0], 2, dtype=torch.long, device=z.device), tuple(z.shape[-2:]))
 
 
-def multidiffusion_views(z: torch.Tensor, layout: PathLayout, jitter: bool, generator=None) -> Views:
-    """Local paths: the windows of z padded by J = margin, each moved by a random jitter within J
-    (one ``torch.rand`` [V,2] from ``generator`` when ``jitter``), conditioned on its crop (8·corner
-    in the padded frame, as the reference)                                           (§3.3)"""
+def window_corners(layout: PathLayout, size: tuple[int, int], u: torch.Tensor | None = None) -> torch.Tensor:
+    """Local paths: the windows' corners in z (of ``size``) padded by J = margin [V,2], moved by the
+    jitter that uniforms ``u`` [..., V, 2] give (→ [..., V, 2]; None: unmoved), on the host (§3.3)"""
+    starts = torch.tensor(layout.starts, dtype=torch.long).reshape(-1, 2)
+    return starts + layout.margin if u is None else jitter_views(starts, size, layout.shape, layout.margin, u=u)
+
+
+def multidiffusion_views(z: torch.Tensor, layout: PathLayout, jitter: bool, generator=None, corners=None) -> Views:
+    """Local paths: the windows of z padded by J = margin, each moved by a random jitter within J,
+    conditioned on its crop (8·corner in the padded frame, as the reference)           (§3.3)
+
+    ``corners``: this step's :class:`~.draws.Corners` (drawn ahead, already on z's device: the
+    pipeline's way); None: drawn here, one ``torch.rand`` [V,2] from ``generator`` when ``jitter``,
+    and copied to the device."""
     b, _, h, w = z.shape
     J, win = layout.margin, layout.shape
-    starts = torch.tensor(layout.starts, dtype=torch.long).reshape(-1, 2)
-    corners = jitter_views(starts, (h, w), win, J, generator) if jitter else starts + J
-    views = gather_views(F.pad(z, (J, J, J, J)), corners, win)
-    return Views(layout, views, (corners * VAE_SCALE).repeat_interleave(b, 0), (h, w), corners)
+    if corners is None:
+        u = torch.rand((layout.count, 2), generator=generator, dtype=torch.float64) if jitter and J else None
+        host = window_corners(layout, (h, w), u)
+        corners = Corners(host, host.to(z.device))
+    views = gather_views(F.pad(z, (J, J, J, J)), corners.device, win)
+    crops = (corners.device * VAE_SCALE)[:, None].expand(-1, b, 2).reshape(-1, 2)  # view-major, as the views
+    return Views(layout, views, crops, (h, w), corners.device, corners_host=corners.host)
 
 
 def merge_windows(eps: torch.Tensor, corners: torch.Tensor, size: tuple[int, int], J: int) -> torch.Tensor:
@@ -215,7 +231,7 @@ def dilated_views(z: torch.Tensor, layout: PathLayout, blur_std=None, policy: Po
     zp, pad = pad_to_multiple(z, s)
     if blur_std is not None:
         zp = blur_for_dilation(zp, s, blur_std, policy.blur_statistics(pad))
-    crops = torch.zeros(s * s * b, 2, dtype=torch.long)
+    crops = torch.zeros(s * s * b, 2, dtype=torch.long, device=z.device)
     return Views(layout, dilate(zp, s), crops, tuple(z.shape[-2:]), None, pad)
 
 
@@ -245,19 +261,27 @@ class MultiViewDenoiser:
     """D(z, i): the prediction ε for the whole latent z of phase ``k`` at step ``i`` — the views of
     every path cut from z, through the guided UNet (``model``: :class:`~.denoise.GuidedUNet`, in
     the batches ``policy`` forms), merged per path and fused. ``images``: the phase's control
-    images (one per ControlNet) or None; ``generator``: the jitter's."""
+    images (one per ControlNet) or None. The local windows' corners of a step are an argument,
+    drawn ahead from the jitter uniforms by :meth:`place` (:class:`~.draws.PhaseDraws`)."""
 
-    def __init__(self, model, mech, s, k: int, policy: Policy = DEFAULT, images=None, generator=None):
-        self.model, self.mech, self.s, self.k, self.policy = model, mech, s, k, policy
-        self.images, self.generator = images, generator
+    def __init__(self, model, mech, s, k: int, policy: Policy = DEFAULT, images=None):
+        self.model, self.mech, self.s, self.k, self.policy, self.images = model, mech, s, k, policy, images
         self.layout = mech.view_layout(s, k)
         self.T = model.scheduler.config.get("num_train_timesteps", 1000)
+        self.local = next((p for p in self.layout if p.path == "local"), None)
+        # the windows move: jitter on, and a margin to move in (none: nothing drawn, as jitter_views)
+        self.jitters = bool(s.view_jitter and self.local is not None and self.local.margin)
 
-    def cut(self, z: torch.Tensor, c: torch.Tensor) -> list[Views]:
+    def place(self, u: torch.Tensor | None) -> torch.Tensor:
+        """Jitter uniforms [..., V, 2] (None: no jitter) → the local windows' corners, on the host."""
+        size = (self.s.sizes[self.k][0] // VAE_SCALE, self.s.sizes[self.k][1] // VAE_SCALE)
+        return self.mech.window_corners(self.local, size, u)
+
+    def cut(self, z: torch.Tensor, c: torch.Tensor, corners: Corners | None = None) -> list[Views]:
         mech, s, out = self.mech, self.s, []
         for p in self.layout:
             if p.path == "local":
-                out.append(mech.multidiffusion_views(z, p, s.view_jitter, self.generator if s.view_jitter else None))
+                out.append(mech.multidiffusion_views(z, p, corners is not None and s.view_jitter, None, corners))
             elif p.path == "global":
                 std = mech.dilation_blur_std(c, s.sigma, s.cosine_scale_3) if s.blur else None
                 out.append(mech.dilated_views(z, p, std, self.policy))
@@ -265,10 +289,11 @@ class MultiViewDenoiser:
                 out.append(whole_view(z, p))
         return out
 
-    def __call__(self, z: torch.Tensor, i: int) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, i: int, corners: Corners | None = None) -> torch.Tensor:
+        """ε for z at step i; ``corners``: the local windows' at this step (None: unjittered, made here)."""
         sched = self.model.scheduler
         c = self.mech.cosine_factor(sched.timesteps_cpu[i], self.T)  # a CPU scalar: not read on the host
-        views = self.cut(z, c)
+        views = self.cut(z, c, corners)
         eps = [v.merge(e) for v, e in zip(views, self.predict(views, i))]
         if len(eps) == 1:
             return eps[0]
@@ -318,33 +343,37 @@ class ControlCut:
 
 
 # ---- 5. the phase loops --------------------------------------------------------------------------
-def noise_canvas(z: torch.Tensor, generator) -> torch.Tensor | None:
-    """Stochastic samplers: one noise canvas for the whole latent per step (CPU draw, then moved)."""
-    return None if generator is None else torch.randn(z.shape, generator=generator).to(z.device)
-
-
-def first_phase(sched, D, z: torch.Tensor, steps, noise_g=None, on_step=None) -> torch.Tensor:
-    """Phase 1: plain sampling of the whole (small) latent, z = noise · init σ given."""
+def first_phase(sched, D, z: torch.Tensor, steps, draws=None, on_step=None) -> torch.Tensor:
+    """Phase 1: plain sampling of the whole (small) latent, z = noise · init σ given. ``draws``:
+    the phase's :class:`~.draws.PhaseDraws` (stochastic samplers' noise), or None."""
     for i in steps:
-        eps = D(z, i)
-        z = sched.step_at(eps, i, z, noise=noise_canvas(z, noise_g))
+        noise = None if draws is None else draws.step(i)[1]
+        z = sched.step_at(D(z, i), i, z, noise=noise)
         if on_step is not None:
             on_step(i, z)
     return z
 
 
-def upscale_phase(sched, D, mech, s, z_up: torch.Tensor, eps_k: torch.Tensor, steps, noise_g=None,
+def upscale_step(sched, D, mech, s, z: torch.Tensor, z_up: torch.Tensor, eps_k: torch.Tensor, i: int,
+                 corners: Corners | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of an upscaling phase: the skip residual, the fused prediction D(z, i), one sampler
+    step. Its random inputs (window corners, noise canvas) come drawn and on the device, so a step
+    draws nothing, copies nothing from the host, reads nothing back: one graph (torch.compile,
+    CUDA graphs; tests/test_determinism.py)."""
+    if s.skip_residual:
+        c = mech.cosine_factor(sched.timesteps_cpu[i], sched.config.get("num_train_timesteps", 1000))
+        z = mech.skip_residual(z, sched.add_noise_at(z_up, eps_k, i), c, s.cosine_scale_1)
+    return sched.step_at(D(z, i, corners), i, z, noise=noise)
+
+
+def upscale_phase(sched, D, mech, s, z_up: torch.Tensor, eps_k: torch.Tensor, steps, draws=None,
                   on_step=None) -> torch.Tensor:
     """An upscaling phase from the upsampled previous latent ``z_up`` and its noise ``eps_k``:
-    ẑ_0, then per step the skip residual, the fused prediction, one sampler step."""
-    T = sched.config.get("num_train_timesteps", 1000)
+    ẑ_0, then :func:`upscale_step` per step, its jitter and noise from ``draws`` (PhaseDraws)."""
     z = sched.add_noise_at(z_up, eps_k, 0)  # ẑ_0
     for i in steps:
-        if s.skip_residual:
-            c = mech.cosine_factor(sched.timesteps_cpu[i], T)
-            z = mech.skip_residual(z, sched.add_noise_at(z_up, eps_k, i), c, s.cosine_scale_1)
-        eps = D(z, i)  # draws this step's window jitter
-        z = sched.step_at(eps, i, z, noise=noise_canvas(z, noise_g))
+        corners, noise = (None, None) if draws is None else draws.step(i)
+        z = upscale_step(sched, D, mech, s, z, z_up, eps_k, i, corners, noise)
         if on_step is not None:
             on_step(i, z)
     return z
@@ -360,6 +389,7 @@ class Mechanisms:
     cosine_factor: object = cosine_factor
     skip_residual: object = skip_residual
     view_layout: object = view_layout
+    window_corners: object = window_corners
     multidiffusion_views: object = multidiffusion_views
     dilated_views: object = dilated_views
     dilation_blur_std: object = dilation_blur_std

@@ -11,7 +11,8 @@ Randomness (all from ``seed``; documented so runs replay exactly):
     per step: the view jitter (one ``torch.rand`` [V,2] when ``view_jitter``) and, for stochastic
     samplers, one noise canvas [B,4,h_k,w_k] for the whole latent's step.
   Phase generators depend only on (seed, k), so a run resumed after phase k draws what the
-  uninterrupted run drew.
+  uninterrupted run drew. Every draw is made on the host (same numbers on every device) before
+  the step that uses it, and reaches the device without a blocking copy (pipeline/draws.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .decoding import as_output, decode_latents, encode_image, from_pil, to_pil 
 from ..controlnet.guide import Guide
 from ..lora import LoraStack
 from .denoise import Conditioning, GuidedUNet, needs_noise, phase_generators, steps_of
+from .draws import PhaseDraws, upload
 from .guards import FiniteWatch, check_image, likely_cause
 from .loading import save_components
 from .reference import policy_for
@@ -343,11 +345,11 @@ class DemoFusionPipeline:
         else:
             h1, w1 = s.sizes[0][0] // 8, s.sizes[0][1] // 8
             latents = s.latents if s.latents is not None else torch.randn((s.batch, 4, h1, w1), generator=g)
-            z = latents.to(dev, torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
-        D = MultiViewDenoiser(model, mech, s, k, policy_for(s.reference_compat), images,
-                              g if s.view_jitter and upscaling else None)
+            z = upload(latents, dev).to(torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
+        D = MultiViewDenoiser(model, mech, s, k, policy_for(s.reference_compat), images)
         steps = steps_of(len(sched.timesteps_cpu), k + 1, s.phases, s.progress)
-        noise_g = g if needs_noise(sched) else None
+        noise = tuple(z_up.shape if upscaling else z.shape) if needs_noise(sched) else None
+        draws = PhaseDraws(g, len(sched.timesteps_cpu), dev, D.place if D.local else None, D.jitters, noise)
 
         def on_step(i: int, z):
             watch.see(z, k + 1, i)
@@ -355,10 +357,10 @@ class DemoFusionPipeline:
                 s.callback(k + 1, i, sched.timesteps[i], z)
 
         if not upscaling:
-            z = A.first_phase(sched, D, z, steps, noise_g, on_step)
+            z = A.first_phase(sched, D, z, steps, draws, on_step)
             watch.check(1)
             return z
-        return A.upscale_phase(sched, D, mech, s, z_up, eps.to(dev, z_up.dtype), steps, noise_g, on_step)
+        return A.upscale_phase(sched, D, mech, s, z_up, upload(eps, dev).to(z_up.dtype), steps, draws, on_step)
 
     def _finish(self, s: Settings, plan: MemoryPlan, out: DemoFusionOutput, k: int, z, t0: float, denoise: GuidedUNet,
                 done=False):

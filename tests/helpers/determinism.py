@@ -11,8 +11,12 @@
   they are deterministic when the indices are distinct, which fake tensors cannot check — the
   code using them must make its indices distinct by construction (and test that on the CPU).
 * **host→device copies** — ``_to_copy`` / ``copy_`` from a CPU tensor (any size, 0-d included)
-  to CUDA, kept in ``h2d`` as ``(op, shape, pinned, non_blocking)``. ``blocking`` lists those
-  that stall the host: from pageable memory, or not ``non_blocking``. Fake tensors do not keep
+  to CUDA (``.to``, ``.cuda()``, ``torch.tensor(…, device="cuda")``, ``cuda[...] = cpu`` all land
+  there), and the copies an op makes inside itself: CUDA indexing with CPU index tensors
+  (``index``, ``index_put_`` …, 0-d included), or any other op given a CPU tensor of ≥ 1
+  dimension beside a CUDA one (a 0-d CPU tensor is passed by value: no copy). Kept in ``h2d``
+  as ``(op, shape, pinned, non_blocking)`` (implicit copies: never non-blocking). ``blocking``
+  lists those that stall the host: from pageable memory, or not ``non_blocking``. Fake tensors do not keep
   the pinned flag, so the guard remembers the outputs of ops that asked for pinned memory
   (``pin_memory=True``, ``aten._pin_memory``); a real CPU tensor answers ``is_pinned()``.
 """
@@ -34,6 +38,11 @@ class NondeterministicOp(RuntimeError):
 # overload packets whose CUDA kernels accumulate in no fixed order whatever their arguments
 _ALWAYS = {aten.index_add, aten.index_add_, aten.scatter_add, aten.scatter_add_, aten.histc,
            aten.index_reduce, aten.index_reduce_}
+
+
+# ops that copy CPU index tensors to the device inside themselves (a 0-d index included)
+_INDEXING = {aten.index, aten._unsafe_index, aten.index_put, aten.index_put_, aten._index_put_impl_,
+             aten._unsafe_index_put}
 
 
 def _accumulates(func, args, kwargs) -> bool:
@@ -86,10 +95,20 @@ class CudaGuard(TorchDispatchMode):
             dst, src = args[0].device, args[1]
             non_blocking = bool(kwargs.get("non_blocking", args[2] if len(args) > 2 else False))
         else:
-            return
+            return self._note_implicit(func, args, kwargs)
         if isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None \
                 and torch.device(dst).type == "cuda":
             self.h2d.append((str(func), tuple(src.shape), self._is_pinned(src), non_blocking))
+
+    def _note_implicit(self, func, args, kwargs) -> None:
+        """CPU tensors an op on CUDA tensors copies over itself (CPU indices, …)."""
+        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if not any(t.device.type == "cuda" for t in tensors):
+            return
+        indexing = func.overloadpacket in _INDEXING
+        for t in tensors:
+            if t.device.type == "cpu" and (t.dim() > 0 or indexing):
+                self.h2d.append((str(func), tuple(t.shape), self._is_pinned(t), False))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
