@@ -215,6 +215,7 @@ class DemoFusionPipeline:
         progress: bool = False,
         force: bool = False,
         distributed: bool = True,
+        view_ranks: int | None = None,
         max_memory=None,
         offload: str | None = None,
         control_image=None,
@@ -250,7 +251,9 @@ class DemoFusionPipeline:
         "none", "model" or "sequential" (default "none", or the budget's pick). ``view_batch_size``:
         a given value is kept under a budget.
         ``distributed``: inside an initialised process group of several ranks, the views of each
-        step are shared among them, with the one-process result on every rank (docs/distributed.md).
+        step are shared among them, with the same result on every rank (docs/distributed.md).
+        ``view_ranks``: split each step's views for this many ranks (default: the process group's
+        size, 1 alone); one process with ``view_ranks=N`` computes what N ranks do, bit for bit.
         ControlNets (``controlnet=`` of the constructor): ``control_image`` (one per ControlNet, RGB in
         [0, 1] or a PIL image, any size: resized to each phase), ``controlnet_conditioning_scale``,
         ``control_guidance_start/end`` (fractions of the steps) and ``guess_mode``, as diffusers'
