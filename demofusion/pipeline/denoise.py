@@ -60,6 +60,10 @@ class Conditioning:
     neg_embeds: torch.Tensor | None  # None without classifier-free guidance
     neg_pooled: torch.Tensor | None
     time_ids: torch.Tensor  # [1,6]: (orig h, orig w, crop top, crop left, target h, target w)
+    zero_negative: bool = False  # neg_embeds are SDXL's forced zeros: their cross-attention is skipped
+
+
+ZERO_ROWS = {"pairs": slice(0, None, 2), "uncond": slice(None)}  # the zero-context rows of each kind of call
 
 
 @dataclass
@@ -138,6 +142,10 @@ class GuidedUNet:
 
     def _unet(self, dtype, x, t, emb, pooled, time_ids, i: int, images, rows: str):
         """One UNet call (with the ControlNets' residuals, if any); ε in ``dtype`` (the latents',
-        float32: guidance combines in it). ``rows``: "pairs", "uncond" or "cond" (Guide.residuals)."""
-        extra = {} if self.guide is None else self.guide.residuals(x, t, emb, pooled, time_ids, images, i, rows)
-        return self.unet(x, t, emb, pooled, time_ids, **extra).to(dtype)
+        float32: guidance combines in it). ``rows``: "pairs", "uncond" or "cond" (Guide.residuals).
+        The unconditional rows of SDXL's forced-zero negative skip their cross-attention (the
+        UNet writes to_out's bias: bit for bit the computed value)."""
+        zero = {"zero_context": ZERO_ROWS[rows]} if self.cond.zero_negative and rows in ZERO_ROWS else {}
+        extra = {} if self.guide is None else self.guide.residuals(x, t, emb, pooled, time_ids, images, i, rows,
+                                                                   **zero)
+        return self.unet(x, t, emb, pooled, time_ids, **extra, **zero).to(dtype)

@@ -316,7 +316,8 @@ class DemoFusionPipeline:
         on = lambda x: None if x is None else x.to(dev, dt)
         # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dt, device=dev)
-        cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids)
+        zero = self.text.zero_negative(s.negative_prompt, s.cfg)  # SDXL's forced zeros: cross-attention skipped
+        cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids, zero)
         guide = None if s.control is None else Guide(self.controlnets, s.control, s.num_inference_steps, dev,
                                                      s.reference_compat)
         return GuidedUNet(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale,
