@@ -1,16 +1,17 @@
 """View parallelism across processes on torch.distributed — exact by construction.
 
-Within a denoising step every *chunk* of views (the UNet batch a single process runs: up to
-``view_batch_size`` views, their CFG pairs together, then the scheduler step) is a pure function of
-the step's shared latent. :class:`ViewParallel` deals the chunks of a step to the ranks in
-contiguous, balanced blocks; each rank runs its own, and one ``all_gather`` gives every rank all
-the stepped chunks in chunk order. Every UNet call is the call one process makes (same inputs,
-same batch), so the result is the one-process result bit for bit, on every rank; everything else
-(noise, jitter, merging) every rank computes alike from the same seed.
+Within a denoising step every *chunk* of views (one UNet batch: the views with their CFG pairs,
+or one CFG half of a lone view) is a pure function of the step's shared latent. The policy cuts a
+step's views for N ranks (:meth:`~demofusion.pipeline.reference.Policy.chunks`: every rank
+⌈views / N⌉, in phase 1 a CFG half each) and names each chunk's rank; :class:`ViewParallel` runs
+each rank's own chunks and one ``all_gather`` gives every rank all the predictions in chunk
+order. Every UNet call is the call one process split for N ranks makes (``view_ranks=N``: same
+inputs, same batch), so the result is that process's bit for bit, on every rank; everything else
+(noise, jitter, merging, the sampler step) every rank computes alike from the same seed.
 
-A step with a single chunk (phase 1: one view) runs on every rank, with no communication.
-Per step a rank sends its stepped views: 4 × h × w × 4 bytes per view (256 KiB for a 128² SDXL
-view) and receives the others'.
+A stack of views with a single chunk (phase 1 without guidance) runs on every rank, with no
+communication. Per step a rank sends its views' predictions: 4 × h × w × 4 bytes per view
+(256 KiB for a 128² SDXL view) and receives the others'.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Serial:
 
     rank, world = 0, 1
 
-    def map(self, fn, rows: list[int], like: torch.Tensor) -> list[torch.Tensor]:
+    def map(self, fn, rows: list[int], like: torch.Tensor, owners: list[int] | None = None) -> list[torch.Tensor]:
         return [fn(k) for k in range(len(rows))]
 
 
@@ -43,13 +44,17 @@ class ViewParallel:
         self.group, self.dist = group, dist
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
 
-    def map(self, fn, rows: list[int], like: torch.Tensor) -> list[torch.Tensor]:
-        """``[fn(k) for k in chunks]`` with each rank computing its block; ``rows[k]``: the number
-        of rows (dim 0) of chunk k's output; ``like``: a tensor with the outputs' trailing shape,
-        dtype and device (a rank left without a chunk still takes part in the gather)."""
+    def map(self, fn, rows: list[int], like: torch.Tensor, owners: list[int] | None = None) -> list[torch.Tensor]:
+        """``[fn(k) for k in chunks]`` with each rank computing its own; ``rows[k]``: the number
+        of rows (dim 0) of chunk k's output; ``owners[k]``: the rank of chunk k (mod the world;
+        None: contiguous balanced blocks of chunks); ``like``: a tensor with the outputs' trailing
+        shape, dtype and device (a rank left without a chunk still takes part in the gather)."""
         if len(rows) == 1 or self.world == 1:
             return [fn(k) for k in range(len(rows))]
-        mine = blocks(len(rows), self.world)
+        if owners is None:
+            mine = blocks(len(rows), self.world)
+        else:
+            mine = [[k for k in range(len(rows)) if owners[k] % self.world == r] for r in range(self.world)]
         local = [fn(k) for k in mine[self.rank]]
         n_rows = [sum(rows[k] for k in b) for b in mine]
         buf = like.new_zeros((max(n_rows), *like.shape[1:]))
@@ -58,9 +63,10 @@ class ViewParallel:
             buf[: cat.shape[0]] = cat
         parts = [torch.empty_like(buf) for _ in range(self.world)]
         self.dist.all_gather(parts, buf, group=self.group)
-        out = []
-        for b, part in zip(mine, parts):
-            out += list(part[: sum(rows[k] for k in b)].split([rows[k] for k in b]))
+        out: list = [None] * len(rows)
+        for b, part, n in zip(mine, parts, n_rows):
+            for k, x in zip(b, part[:n].split([rows[k] for k in b])):
+                out[k] = x
         return out
 
 
@@ -72,6 +78,11 @@ def runner(enabled: bool = True):
     if enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return ViewParallel()
     return Serial()
+
+
+def world(enabled: bool = True) -> int:
+    """The ranks a run's views are shared among: the process group's size (when ``enabled``), else 1."""
+    return runner(enabled).world
 
 
 def min_over_ranks(value: int | None) -> int | None:

@@ -1,15 +1,18 @@
-"""View parallelism across processes (issue 13, acceptance 1–2): torchrun with gloo on the CPU.
+"""View parallelism across processes (issues 13 and 23): torchrun with gloo on the CPU.
 
-Every chunk of views a single process would batch runs on one rank and the stepped chunks are
-all-gathered, so the result must equal the one-process run *bit for bit* — on every rank, for 2
-ranks and for 3 (an uneven split), through the command line (`python -m demofusion`, Euler with
-CFG) and the Python API (Euler-ancestral, no guidance). On the CPU the bits depend on the thread
-count (oneDNN/MKL reductions), so the one-process references run with OMP_NUM_THREADS=1, as
-torchrun's workers do. A rank that fails stops the whole job, quickly, with its error.
+Each step's views are split so that every rank has ⌈views / N⌉ of them (phase 1: a CFG half
+each); every chunk runs on one rank and the predictions are all-gathered, so the result must
+equal one process that splits its views for N ranks (``view_ranks=N``, ``--view-ranks N``) *bit
+for bit* — on every rank, for 2 ranks and for 3 (an uneven split), through the command line
+(`python -m demofusion`, Euler with CFG) and the Python API (Euler-ancestral, no guidance) — while
+each rank runs fewer UNet rows than that process. On the CPU the bits depend on the thread count
+(oneDNN/MKL reductions), so the one-process references run with OMP_NUM_THREADS=1, as torchrun's
+workers do. A rank that fails stops the whole job, quickly, with its error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -49,33 +52,41 @@ def test_blocks_are_balanced_and_contiguous():
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "run"
-    subprocess.run([sys.executable, "-m", "demofusion", *RUN, "--out", out], check=True, env=env(),
-                   capture_output=True, timeout=300)
-    return out
+    """The one-process run split for n ranks (--view-ranks n), made once per n."""
+    runs = {}
+
+    def run(n: int) -> Path:
+        if n not in runs:
+            runs[n] = tmp_path_factory.mktemp(f"one{n}") / "run"
+            subprocess.run([sys.executable, "-m", "demofusion", *RUN, "--view-ranks", str(n), "--out", runs[n]],
+                           check=True, env=env(), capture_output=True, timeout=300)
+        return runs[n]
+
+    return run
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_cli_under_torchrun_is_bit_identical(one_process, tmp_path, n):
-    out = tmp_path / "run"
+    out, ref = tmp_path / "run", one_process(n)
     r = torchrun(n, "-m", "demofusion", *RUN, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one_process.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
     for k in (1, 2, 3):
-        a, b = (np.asarray(Image.open(d / f"phase_{k}.png")) for d in (one_process, out))
+        a, b = (np.asarray(Image.open(d / f"phase_{k}.png")) for d in (ref, out))
         assert np.array_equal(a, b), f"phase {k} pixels"
-        la, lb = (load_file(d / f"phase_{k}.safetensors") for d in (one_process, out))
+        la, lb = (load_file(d / f"phase_{k}.safetensors") for d in (ref, out))
         assert la.keys() == lb.keys() and all(torch.equal(la[x], lb[x]) for x in la), f"phase {k} latents"
     assert r.stdout.count("phase 3:") == 1  # only rank 0 speaks
+    assert json.loads((out / "run.json").read_text())["view_ranks"] == n  # recorded: one process replays it alike
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "turbo"])
 def test_api_under_torchrun_is_bit_identical_on_every_rank(tmp_path, kind):
     (tmp_path / "one").mkdir()
-    subprocess.run([sys.executable, HELPERS / "dist_api.py", kind, tmp_path / "one"], check=True, env=env(),
-                   capture_output=True, timeout=300)
-    ref = torch.load(tmp_path / "one" / "rank0.pt")
+    subprocess.run([sys.executable, HELPERS / "dist_api.py", kind, tmp_path / "one", "2", "3"], check=True,
+                   env=env(), capture_output=True, timeout=300)
     for n in (2, 3):
+        ref = torch.load(tmp_path / "one" / f"one{n}.pt")
         (tmp_path / str(n)).mkdir()
         r = torchrun(n, HELPERS / "dist_api.py", kind, tmp_path / str(n))
         assert r.returncode == 0, r.stderr[-2000:]
@@ -84,6 +95,7 @@ def test_api_under_torchrun_is_bit_identical_on_every_rank(tmp_path, kind):
             assert got["unet_calls"] == ref["unet_calls"]
             assert all(torch.equal(a, b) for a, b in zip(got["latents"], ref["latents"])), (n, rank)
             assert all(torch.equal(a, b) for a, b in zip(got["images"], ref["images"])), (n, rank)
+            assert got["rows"] < ref["rows"] * 0.7, (n, rank)  # the work is really shared
 
 
 def error_lines(r: subprocess.CompletedProcess) -> list[str]:

@@ -63,13 +63,13 @@ def test_a_multistep_sampler_on_two_gloo_ranks_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    subprocess.run([sys.executable, HELPERS / "dist_api.py", "ab2", tmp_path / "one"], check=True, env=env,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, HELPERS / "dist_api.py", "ab2", tmp_path / "one", "2"], check=True, env=env,
+                   capture_output=True, timeout=300)  # one process split as 2 ranks split (view_ranks=2)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(HELPERS / "dist_api.py"), "ab2", str(tmp_path / "two")], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    ref = torch.load(tmp_path / "one" / "rank0.pt")
+    ref = torch.load(tmp_path / "one" / "one2.pt")
     assert len(ref["latents"]) == 3
     for rank in range(2):
         got = torch.load(tmp_path / "two" / f"rank{rank}.pt")

@@ -74,3 +74,43 @@ def test_channels_last_unet_equals_contiguous_to_rounding(tiny32):
         want = tiny32(x, 500, ctx, pooled, ids)
         got = last(x.contiguous(memory_format=torch.channels_last), 500, ctx, pooled, ids)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_the_pipeline_skips_the_zero_negative_bitwise():
+    """Wired into the pipeline: without a negative prompt (SDXL's forced zeros) the CFG pairs pass
+    ``slice(0, None, 2)`` and an unconditional call (phase 1's lone half on 2 ranks' split)
+    ``slice(None)``, to the UNet and the ControlNet; the latents equal a run whose UNet and
+    ControlNet compute every row, bit for bit (fp32). A negative prompt is not skipped."""
+    from demofusion import DemoFusionPipeline
+    from tests.helpers.pipeline import small_pipeline
+
+    base = small_pipeline("sdxl")
+    pipe = DemoFusionPipeline(base.unet, base.vae, base.text, base.scheduler,
+                              controlnet=tiny_controlnet(base.unet.config, 3))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    kw = dict(prompt="a castle", height=256, width=128, num_inference_steps=1, seed=3, view_ranks=2,
+              output_type="latent", control_image=image)  # 2 phases: 1 view (2 halves), 3 views (pairs)
+    seen = []
+
+    def spy(module, skip: bool):
+        real = module.forward
+
+        def forward(*a, zero_context=None, **k):
+            seen.append(zero_context)
+            return real(*a, zero_context=zero_context if skip else None, **k)
+        return forward
+
+    def run(skip: bool, **extra):
+        seen.clear()
+        pipe.unet.forward, pipe.controlnets[0].forward = spy(base.unet, skip), spy(pipe.controlnets[0], skip)
+        try:
+            return pipe(**kw, **extra).latents
+        finally:
+            del pipe.unet.forward, pipe.controlnets[0].forward
+    skipped = run(True)
+    kinds = lambda: set(map(str, seen))  # slices are not hashable before Python 3.12
+    assert kinds() == {str(slice(None)), "None", str(slice(0, None, 2))}  # uncond half, cond half, pairs
+    full = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(skipped, full))
+    run(True, negative_prompt="blurry")
+    assert kinds() == {"None"}

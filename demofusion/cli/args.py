@@ -11,7 +11,7 @@ from ..errors import InputError
 DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negative_prompt": None, "height": 3072,
             "width": 3072, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0, "phases": None,
             "phase_sizes": None, "model": "tiny", "device": "auto", "dtype": "auto", "max_memory": None,
-            "offload": None, "fp8": False, **config_defaults()}
+            "offload": None, "view_ranks": None, "fp8": False, **config_defaults()}
 # ControlNets (cli/control.py): recorded with a run, part of its id (with the maps' hashes)
 CONTROL_DEFAULTS = {"controlnet": None, "control_image": None, "control": None, "control_source": None,
                     "canny_low": 100, "canny_high": 200, "control_scale": None, "control_start": None,
@@ -28,7 +28,7 @@ from ..schedulers.names import SAMPLER_NAMES, SIGMAS  # noqa: E402  (the sampler
 SPACINGS = ("leading", "trailing", "linspace")
 DEFAULTS.update(MODEL_DEFAULTS)
 # where a run's weights and batches go: recorded, free to change on resume (like --device)
-PLACEMENT_KEYS = ["max_memory", "offload"]
+PLACEMENT_KEYS = ["max_memory", "offload", "view_ranks"]
 OFFLOAD = ("none", "model", "sequential")
 # the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
 RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
@@ -115,6 +115,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         "batch and VAE tiles are planned so every stage fits (docs/memory.md)")
     p.add_argument("--offload", choices=OFFLOAD, help="none (default), model (each component on the GPU only while "
                    "it works) or sequential (UNet weights stream through the GPU); default: --max-memory's pick")
+    p.add_argument("--view-ranks", dest="view_ranks", type=int, metavar="N",
+                   help="split each step's views as N ranks do (default: torchrun's rank count, else 1): one process "
+                        "with --view-ranks N writes the files of a run on N ranks, bit for bit (docs/distributed.md)")
     p.add_argument("--fp8", action="store_true", default=None,
                    help="store the UNet's weights as fp8 (half the memory, small error: docs/fp8.md)")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",

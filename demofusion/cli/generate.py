@@ -234,6 +234,8 @@ def _generate(args, dry: bool, stack, folder: RunFolder | None) -> int:
     params["device"] = check_device(params["device"], present=not dry)  # a plan for another machine
     if not dry:
         params["device"] = ranks.join(params["device"])  # under torchrun: this rank's device
+        if params.get("view_ranks") is None and ranks.world_size() > 1:  # recorded: one process replays its bits
+            params["view_ranks"] = ranks.world_size()
     writer = ranks.is_writer()
     params["dtype"] = check_dtype(params["dtype"], params["device"])
     check_compile(args.compile)
@@ -253,7 +255,7 @@ def _generate(args, dry: bool, stack, folder: RunFolder | None) -> int:
         folder = stack.enter_context(RunFolder(out, made=out))
     if writer:
         warn_long_prompt(pipe, params)
-    kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": bool(params.get("force"))}
+    kwargs = {k: params.get(k) for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": bool(params.get("force"))}
     kwargs |= control | {"truncate_prompts": bool(params.get("truncate_prompts"))}
     _redecode(pipe, done, out, folder, params, kwargs)
     print(f"resuming {out}: phases 1–{len(done)} already finished" if done else f"writing to {out}")

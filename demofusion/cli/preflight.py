@@ -88,6 +88,7 @@ OPTIONAL = {
     "scheduler": (_one_of(*SAMPLER_NAMES), " or ".join(SAMPLER_NAMES)),
     "timestep_spacing": (_one_of(*SPACINGS), " or ".join(SPACINGS)),
     "max_memory": (lambda v: isinstance(v, str), "a size such as 8GB"), "offload": (_one_of(*OFFLOAD), " or ".join(OFFLOAD)),
+    "view_ranks": (_int, "a whole number"),
     "fp8": (lambda v: isinstance(v, bool), "true or false"), "force": (lambda v: isinstance(v, bool), "true or false"),
     "truncate_prompts": (lambda v: isinstance(v, bool), "true or false"),
     "guess_mode": (lambda v: isinstance(v, bool), "true or false"),

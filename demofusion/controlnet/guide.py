@@ -113,23 +113,26 @@ class Guide:
         # the reference: bicubic (no antialias, no clamp) of the previous phase's control tensor
         return [F.interpolate(x, size=size, mode="bicubic") for x in self.phase_images(sizes, k - 1)]
 
-    def residuals(self, x, t, emb, pooled, time_ids, images: list, i: int, rows: str) -> dict:
+    def residuals(self, x, t, emb, pooled, time_ids, images: list, i: int, rows: str, zero_context=None) -> dict:
         """The UNet's extra arguments for batch ``x``: the ControlNets' summed residuals (none when
         every ControlNet is outside its window). ``images``: per ControlNet [N,3,8h,8w] (one row per
         view, before CFG doubling); ``rows``: "pairs" (unconditional, conditional interleaved),
-        "uncond" or "cond"."""
+        "uncond" or "cond"; ``zero_context``: the rows of ``x`` whose context is SDXL's forced zeros
+        (their cross-attention skipped, bit for bit the same)."""
         c = self.control
         active = [(n, w) for n in range(len(self.nets)) if (w := c.weight(n, i, self.steps)) != 0.0]
         if not active or (c.guess_mode and rows == "uncond"):
             return {}
         if rows == "pairs" and c.guess_mode:  # conditional rows only; zeros for the unconditional
             x, emb, pooled, time_ids = x[1::2], emb[1::2], pooled[1::2], time_ids[1::2]
+            zero_context = None
         elif rows == "pairs":
             images = [im.repeat_interleave(2, 0) for im in images]
         down = mid = None
         for n, w in active:
             net = self.nets[n]
-            d, m = net(x, t, emb, pooled, time_ids, images[n].to(net.dtype), w, c.guess_mode)
+            d, m = net(x, t, emb, pooled, time_ids, images[n].to(net.dtype), w, c.guess_mode,
+                       **({} if zero_context is None else {"zero_context": zero_context}))
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
         if rows == "pairs" and c.guess_mode:
             pair = lambda r: torch.stack([torch.zeros_like(r), r], 1).flatten(0, 1)

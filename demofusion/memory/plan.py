@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..placement import POLICIES
 from .fake import _once, controlnet_call_peak, fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
 from .measure import GiB, weight_bytes
-from .stages import Stage, _latent_bytes, decode_peak, unet_calls
+from .stages import Stage, _latent_bytes, decode_peak, lone_halves, unet_calls
 
 DEFAULT_VIEW_BATCH = 16
 SMALLER_TILES = (96, 64, 48, 32)  # latents: only when nothing else fits
@@ -145,10 +145,10 @@ def text_stages(m: Model, s, policy: str) -> list[Stage]:
 
 
 def unet_stages(m: Model, s, c: Choice) -> list[Stage]:
-    rows = 1 if c.cfg_apart or not s.cfg else 2
     s = dataclasses.replace(s, view_batch_size=c.view_batch_size)
     out = []
     for k in range(len(s.resume_latents), s.phases):
+        rows = 1 if c.cfg_apart or not s.cfg or lone_halves(s, k, m.view_layout) else 2
         for paths, views, shape in unet_calls(s, k, m.view_layout):
             b = views * s.batch * rows
             act = unet_call_peak(m.unet_config, m.unet_dtype, tuple(shape), b, fp8=m.fp8).activation_bytes

@@ -57,10 +57,28 @@ def view_paths(s, k: int, layout=None) -> list[tuple[str, int, tuple[int, int], 
              per) for members, per in groups]
 
 
+def _step_chunks(s, k: int, layout=None) -> tuple[list, list]:
+    """(paths, [(members, chunks)]) of a step of phase ``k``, cut as the denoiser cuts them
+    (:meth:`~demofusion.pipeline.reference.Policy.step_chunks`: balanced, split for ``s.view_ranks``)."""
+    from ..pipeline.algorithm import view_layout
+    from ..pipeline.reference import policy_for
+
+    paths = (layout or view_layout)(s, k)
+    return paths, policy_for(s.reference_compat).step_chunks(paths, s.view_batch_size, getattr(s, "view_ranks", 1),
+                                                             s.cfg, getattr(s, "control", None) is not None)
+
+
 def unet_calls(s, k: int, layout=None) -> list[tuple[str, int, tuple[int, int]]]:
-    """The largest UNet call of each stack: (paths, views ≤ views per call, latent size);
-    the UNet batch is views × prompts × 2 with CFG."""
-    return [(p, min(n, per or s.view_batch_size), shape) for p, n, shape, per in view_paths(s, k, layout)]
+    """The largest UNet call of each stack: (paths, views of its largest chunk, latent size);
+    the UNet batch is views × prompts × 2 with CFG (1 for :func:`lone_halves`)."""
+    paths, stacks = _step_chunks(s, k, layout)
+    return [("+".join(paths[n].path for n in members), max(c.views for c in cut), paths[members[0]].shape)
+            for members, cut in stacks]
+
+
+def lone_halves(s, k: int, layout=None) -> bool:
+    """Every UNet call of phase ``k`` is one CFG half alone (a lone view on 2+ ranks): one row a view."""
+    return all(c.half is not None for _, cut in _step_chunks(s, k, layout)[1] for c in cut)
 
 
 class _FirstBatch:
@@ -135,7 +153,6 @@ def stage_table(height: int, width: int, view_batch_size: int = 16, cfg: bool = 
     base = UNetConfig.preset(kind).sample_size * 8
     s = validate(base, prompt=["a prompt"] * batch, height=height, width=width, view_batch_size=view_batch_size,
                  guidance_scale=7.5 if cfg else 1.0, num_inference_steps=steps, reference_compat=reference)
-    rows = 2 if s.cfg else 1
     unet, vae, text = fake_unet(kind, dtype), fake_vae("sdxl", vae_dtype or dtype), fake_text(dtype)
     decoder = fake_vae("sdxl", torch.float32) if reference and dtype == torch.float16 else vae
     w_unet, w_text = weight_bytes(unet), weight_bytes(text.text_encoder, text.text_encoder_2)
@@ -143,6 +160,7 @@ def stage_table(height: int, width: int, view_batch_size: int = 16, cfg: bool = 
     t = text_encode_peak(dtype, batch, s.cfg)
     stages = [Stage(0, "text", f"{batch} prompt(s)", w_unet + weight_bytes(vae) + w_text, t.activation_bytes)]
     for k in range(s.phases):
+        rows = 2 if s.cfg and not lone_halves(s, k) else 1
         for paths, views, shape in unet_calls(s, k):
             p = unet_call_peak(kind, dtype, shape, views * batch * rows)
             stages.append(Stage(k + 1, "unet", f"{paths}: batch {views * batch * rows} × {shape[0]}×{shape[1]}",

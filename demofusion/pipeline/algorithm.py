@@ -129,6 +129,23 @@ def unet_evaluations(s, layout=view_layout) -> list[int]:
             for k in range(s.phases)]
 
 
+def rank_evaluations(s, ranks: int, layout=view_layout, policy: Policy = DEFAULT) -> list[int]:
+    """Single-view UNet forwards per phase on the busiest of ``ranks`` ranks, the views batched and
+    split as the denoiser does (:meth:`~.reference.Policy.step_chunks`, ``s.view_batch_size`` a
+    call): a view with both CFG halves counts 2, a lone half 1; a stack of one chunk runs on
+    every rank (:class:`~demofusion.parallel.ViewParallel`)."""
+    out, rows = [], 2 if s.cfg else 1
+    for k in range(s.phases):
+        work = [0] * ranks
+        for _, cut in policy.step_chunks(layout(s, k), s.view_batch_size, ranks, s.cfg, s.control is not None):
+            for c in cut:
+                n = c.views * (1 if c.half else rows)
+                for r in (range(ranks) if len(cut) == 1 else [c.rank % ranks]):
+                    work[r] += n
+        out.append(max(work) * s.num_inference_steps)
+    return out
+
+
 # ---- 3. cutting views and merging their predictions ----------------------------------------------
 @dataclass(frozen=True)
 class Views:
@@ -300,21 +317,22 @@ class MultiViewDenoiser:
         return self.mech.fuse(eps[0], eps[1], c, self.s.cosine_scale_2)
 
     def predict(self, views: list[Views], i: int) -> list[torch.Tensor]:
-        """Every path's view predictions, the paths batched together or apart as the policy says."""
+        """Every path's view predictions, the paths batched together or apart and cut into chunks
+        (split among the ranks) as the policy says (:meth:`~.reference.Policy.step_chunks`)."""
         out: list = [None] * len(views)
-        chunk_no, steps = 0, len(self.model.scheduler.timesteps_cpu)
-        for members, per_call in self.policy.batches([v.layout for v in views], self.images is not None):
+        chunk_no, steps, model = 0, len(self.model.scheduler.timesteps_cpu), self.model
+        plan = self.policy.step_chunks([v.layout for v in views], model.view_batch_size, getattr(self.s, "view_ranks", 1),
+                                       model.cfg, self.images is not None)
+        for members, cut in plan:
             group = [views[m] for m in members]
             cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]
-            n = sum(v.layout.count for v in group)
-            per = per_call or self.model.view_batch_size
             chunks = []
-            for a in range(0, n, per):
+            for c in cut:
                 idx = self.policy.input_sigma_index(i, chunk_no, self.k, steps, self.layout[0].path != "whole")
-                chunks.append((a, min(per, n - a), idx))
+                chunks.append((c, idx))
                 chunk_no += 1
             control = None if self.images is None else ControlCut(group, self.images, self.policy)
-            eps = self.model(cat([v.model_in for v in group]), cat([v.crops for v in group]), i, chunks, control)
+            eps = model(cat([v.model_in for v in group]), cat([v.crops for v in group]), i, chunks, control)
             for m, part in zip(members, eps.split([v.model_in.shape[0] for v in group])):
                 out[m] = part
         return out

@@ -60,6 +60,10 @@ class Conditioning:
     neg_embeds: torch.Tensor | None  # None without classifier-free guidance
     neg_pooled: torch.Tensor | None
     time_ids: torch.Tensor  # [1,6]: (orig h, orig w, crop top, crop left, target h, target w)
+    zero_negative: bool = False  # neg_embeds are SDXL's forced zeros: their cross-attention is skipped
+
+
+ZERO_ROWS = {"pairs": slice(0, None, 2), "uncond": slice(None)}  # the zero-context rows of each kind of call
 
 
 @dataclass
@@ -81,41 +85,67 @@ class GuidedUNet:
 
     def __call__(self, x: torch.Tensor, crops: torch.Tensor, i: int, chunks: list, control=None) -> torch.Tensor:
         """ε [N·B,C,h,w] of the views x (unscaled latents, view-major) at the schedule's ``i``-th
-        timestep, chunk by chunk: ``chunks[k] = (first view, views, σ index of its input scaling)``.
-        ``crops`` [N·B,2]: crop coordinates (px); ``control``: a :class:`~.algorithm.ControlCut`
-        (its ``rows(a, n)`` per ControlNet) or None. Chunks are dealt to the ranks of a process group,
-        which all-gather the predictions."""
+        timestep, chunk by chunk: ``chunks[k] = (chunk, σ index of its input scaling)``, a
+        :class:`~.reference.Chunk` (its views, rank and CFG half). ``crops`` [N·B,2]: crop
+        coordinates (px); ``control``: a :class:`~.algorithm.ControlCut` (its ``rows(a, n)`` per
+        ControlNet) or None. Chunks run on their ranks of a process group, which all-gather the
+        predictions; a view's lone CFG halves are combined after the gather."""
         B, c, t = self.batch, self.cond, self.scheduler.timesteps[i]  # t on the device, for the UNet only
 
-        def one(k: int) -> torch.Tensor:  # chunk k: guided UNet call(s)
-            first, views, idx = chunks[k]
+        def one(k: int) -> torch.Tensor:  # chunk k: guided UNet call(s), or one CFG half
+            chunk, idx = chunks[k]
+            first, views = chunk.first, chunk.views
             a, b = first * B, (first + views) * B
             xs = self.scheduler.scale_model_input_at(x[a:b], idx).to(self.unet.dtype)
             images = None if control is None else [im.to(self.unet.dtype) for im in control.rows(first, views)]
             emb, pooled = c.embeds.repeat(views, 1, 1), c.pooled.repeat(views, 1)
+            neg = lambda: (c.neg_embeds.repeat(views, 1, 1), c.neg_pooled.repeat(views, 1))
             time_ids = c.time_ids.repeat(b - a, 1)
             time_ids[:, 2:4] = crops[a:b].to(time_ids)
             unet = lambda rows, *args: self._unet(x.dtype, *args, i=i, images=images, rows=rows)
+            if chunk.half is not None:  # one CFG half alone: combined with its other half after the gather
+                return unet(chunk.half, xs, t, *(neg() if chunk.half == "uncond" else (emb, pooled)), time_ids)
             if self.cfg and self.cfg_apart:
-                uncond = unet("uncond", xs, t, c.neg_embeds.repeat(views, 1, 1), c.neg_pooled.repeat(views, 1),
-                              time_ids)
+                uncond = unet("uncond", xs, t, *neg(), time_ids)
                 cond = unet("cond", xs, t, emb, pooled, time_ids)
             elif self.cfg:
-                emb = torch.stack([c.neg_embeds.repeat(views, 1, 1), emb], 1).flatten(0, 1)
-                pooled = torch.stack([c.neg_pooled.repeat(views, 1), pooled], 1).flatten(0, 1)
+                n_emb, n_pooled = neg()
+                emb = torch.stack([n_emb, emb], 1).flatten(0, 1)
+                pooled = torch.stack([n_pooled, pooled], 1).flatten(0, 1)
                 eps = unet("pairs", xs.repeat_interleave(2, 0), t, emb, pooled, time_ids.repeat_interleave(2, 0))
                 uncond, cond = eps[0::2], eps[1::2]
             else:
                 return unet("cond", xs, t, emb, pooled, time_ids)
-            return uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
+            return self.guided(uncond, cond)
 
-        rows = [views * B for _, views, _ in chunks]
-        self.calls += len(rows) * (2 if self.cfg and self.cfg_apart else 1)  # as one process makes them
-        out = self.runner.map(one, rows, x)
+        rows = [ch.views * B for ch, _ in chunks]
+        # as one process makes them
+        self.calls += sum(2 if self.cfg and self.cfg_apart and ch.half is None else 1 for ch, _ in chunks)
+        out = self.runner.map(one, rows, x, [ch.rank for ch, _ in chunks])
+        out = self.join_halves(out, [ch for ch, _ in chunks])
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    def guided(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return uncond + self.guidance_scale * (cond - uncond)  # ε = ε_u + g·(ε_c − ε_u)
+
+    def join_halves(self, eps: list, chunks: list) -> list:
+        """The chunks' predictions with each lone (uncond, cond) pair of halves guided into one."""
+        out, k = [], 0
+        while k < len(eps):
+            if chunks[k].half == "uncond":
+                out.append(self.guided(eps[k], eps[k + 1]))
+                k += 2
+            else:
+                out.append(eps[k])
+                k += 1
+        return out
 
     def _unet(self, dtype, x, t, emb, pooled, time_ids, i: int, images, rows: str):
         """One UNet call (with the ControlNets' residuals, if any); ε in ``dtype`` (the latents',
-        float32: guidance combines in it). ``rows``: "pairs", "uncond" or "cond" (Guide.residuals)."""
-        extra = {} if self.guide is None else self.guide.residuals(x, t, emb, pooled, time_ids, images, i, rows)
-        return self.unet(x, t, emb, pooled, time_ids, **extra).to(dtype)
+        float32: guidance combines in it). ``rows``: "pairs", "uncond" or "cond" (Guide.residuals).
+        The unconditional rows of SDXL's forced-zero negative skip their cross-attention (the
+        UNet writes to_out's bias: bit for bit the computed value)."""
+        zero = {"zero_context": ZERO_ROWS[rows]} if self.cond.zero_negative and rows in ZERO_ROWS else {}
+        extra = {} if self.guide is None else self.guide.residuals(x, t, emb, pooled, time_ids, images, i, rows,
+                                                                   **zero)
+        return self.unet(x, t, emb, pooled, time_ids, **extra, **zero).to(dtype)

@@ -217,6 +217,7 @@ class DemoFusionPipeline:
         progress: bool = False,
         force: bool = False,
         distributed: bool = True,
+        view_ranks: int | None = None,
         max_memory=None,
         offload: str | None = None,
         control_image=None,
@@ -252,7 +253,9 @@ class DemoFusionPipeline:
         "none", "model" or "sequential" (default "none", or the budget's pick). ``view_batch_size``:
         a given value is kept under a budget.
         ``distributed``: inside an initialised process group of several ranks, the views of each
-        step are shared among them, with the one-process result on every rank (docs/distributed.md).
+        step are shared among them, with the same result on every rank (docs/distributed.md).
+        ``view_ranks``: split each step's views for this many ranks (default: the process group's
+        size, 1 alone); one process with ``view_ranks=N`` computes what N ranks do, bit for bit.
         ControlNets (``controlnet=`` of the constructor): ``control_image`` (one per ControlNet, RGB in
         [0, 1] or a PIL image, any size: resized to each phase), ``controlnet_conditioning_scale``,
         ``control_guidance_start/end`` (fractions of the steps) and ``guess_mode``, as diffusers'
@@ -315,7 +318,8 @@ class DemoFusionPipeline:
         on = lambda x: None if x is None else x.to(dev, dt)
         # time_ids = (orig h, orig w, crop top, crop left, target h, target w): the final size
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dt, device=dev)
-        cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids)
+        zero = self.text.zero_negative(s.negative_prompt, s.cfg)  # SDXL's forced zeros: cross-attention skipped
+        cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids, zero)
         guide = None if s.control is None else Guide(self.controlnets, s.control, s.num_inference_steps, dev,
                                                      s.reference_compat)
         return GuidedUNet(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale,

@@ -9,9 +9,11 @@ reference (≤ 1e-4 per phase, tests/test_reference_parity*.py):
   first batch of a phase's first step with the previous phase's last σ (0; not after img2img),
   every later batch of a step with the *next* step's σ (:meth:`Policy.input_sigma_index`); so its
   results depend on ``view_batch_size``. Only the UNet's input changes: the step itself is right.
-* batching — local windows, then dilated sub-latents, each path chunked by ``view_batch_size``
-  (with ControlNets the sub-latents in one batch, as its ControlNet pipeline); ours shares UNet
-  calls between paths whose views have one shape (:meth:`Policy.batches`).
+* batching — local windows, then dilated sub-latents, each path cut into ``view_batch_size``-view
+  chunks and a remainder (with ControlNets the sub-latents in one batch, as its ControlNet
+  pipeline); ours shares UNet calls between paths whose views have one shape
+  (:meth:`Policy.batches`) and cuts a stack into balanced chunks, split first among the ranks
+  (:meth:`Policy.chunks`).
 * the blur's mean/std matching — over the zero-padded latent; ours over z itself
   (:meth:`Policy.blur_statistics`).
 * control images — zero-padded window crops and point-sampled sub-latent images; ours
@@ -24,6 +26,29 @@ reference (≤ 1e-4 per phase, tests/test_reference_parity*.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..parallel import blocks
+
+HALVES = ("uncond", "cond")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One UNet batch of a stack of views: views ``first … first+views−1``, computed by rank
+    ``rank`` of the ranks the step is split for. ``half``: "uncond" or "cond" when the chunk is
+    one CFG half alone (a lone view on several ranks); None: both halves (as the memory plan says:
+    in one call as pairs, or apart)."""
+
+    first: int
+    views: int
+    rank: int = 0
+    half: str | None = None
+
+
+def balanced(n: int, per: int) -> list[tuple[int, int]]:
+    """(first, views) of ⌈n / per⌉ chunks of ``n`` views whose sizes differ by at most one, the
+    larger first: 65 views at 16 per call → 5 × 13, not 16, 16, 16, 16, 1."""
+    return [(r.start, len(r)) for r in blocks(n, -(-n // per))] if n else []
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,30 @@ class Policy:
         if len({p.shape for p in paths}) == 1:
             return [(tuple(range(len(paths))), None)]
         return [((n,), None) for n in range(len(paths))]
+
+    def chunks(self, n: int, per: int, ranks: int = 1, cfg: bool = False, start: int = 0) -> list[Chunk]:
+        """The UNet batches of a stack of ``n`` views (at most ``per`` a call) split for ``ranks``
+        ranks: the views in ``ranks`` contiguous blocks whose sizes differ by at most one (rank
+        ``start`` mod ``ranks`` takes the first, so that a step's stacks share the extra views
+        round the ranks), each block in :func:`balanced` chunks. With guidance and at least two
+        ranks per view, each CFG half of a view is a chunk of its own (phase 1 on 2+ ranks).
+        The bits depend on these batches only: one process split for N ranks computes what N do."""
+        if cfg and n and ranks >= 2 * n:
+            return [Chunk(v, 1, (start + 2 * v + h) % ranks, half) for v in range(n) for h, half in enumerate(HALVES)]
+        return [Chunk(b.start + a, m, (start + r) % ranks) for r, b in enumerate(blocks(n, ranks))
+                for a, m in balanced(len(b), per)]
+
+    def step_chunks(self, paths: list, per: int, ranks: int = 1, cfg: bool = False, controlled: bool = False):
+        """[(path indices stacked together, their :class:`Chunk` s)] of one step: :meth:`batches`
+        cut by :meth:`chunks` (``per``: view_batch_size), the stacks' rank blocks rotated so that
+        every rank gets ⌈views / ranks⌉ of the step's views (or a lone CFG half)."""
+        out, start = [], 0
+        for members, per_call in self.batches(paths, controlled):
+            n = sum(paths[m].count for m in members)
+            chunks = self.chunks(n, per_call or per, ranks, cfg, start)
+            start += n * (2 if chunks and chunks[0].half else 1)
+            out.append((members, chunks))
+        return out
 
     def blur_statistics(self, pad: tuple[int, int]) -> tuple[slice, slice] | None:
         """The region of the latent padded by ``pad`` (top, left) whose mean/std the blurred latent
@@ -69,6 +118,13 @@ class PrisCV(Policy):
 
     def batches(self, paths: list, controlled: bool) -> list[tuple[tuple[int, ...], int | None]]:
         return [((n,), p.count if controlled and p.path == "global" else None) for n, p in enumerate(paths)]
+
+    def chunks(self, n: int, per: int, ranks: int = 1, cfg: bool = False, start: int = 0) -> list[Chunk]:
+        """The reference's batches whatever the ranks: ``per`` views a call and the remainder
+        (16, 16, 16, 16, 1); the chunks dealt to the ranks in contiguous blocks."""
+        cut = [(a, min(per, n - a)) for a in range(0, n, per)]
+        owner = {k: r for r, b in enumerate(blocks(len(cut), ranks)) for k in b}
+        return [Chunk(a, m, owner[k]) for k, (a, m) in enumerate(cut)]
 
     def blur_statistics(self, pad: tuple[int, int]) -> tuple[slice, slice] | None:
         return None

@@ -18,12 +18,14 @@ import torch
 from ..config import (GUIDANCE_MAX, MAX_PHASES, DemoFusionConfig, check_bool, check_float, check_int, knobs, parse_budget,
                       split_overrides, with_overrides)
 from ..controlnet.guide import check_control
+from .. import parallel
 from ..errors import InputError
 from ..placement import POLICIES
 from . import mechanisms as M
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 MAX_SIDE = 16384  # px; larger targets are refused unless force=True
+MAX_VIEW_RANKS = 4096
 # on/off arguments of a call that are not DemoFusion knobs (those are DemoFusionConfig's fields)
 SWITCHES = ("reference_compat", "offload_text_encoders", "progress", "force", "distributed", "truncate_prompts")
 
@@ -75,6 +77,7 @@ class Settings:
     progress: bool = False
     force: bool = False
     distributed: bool = True  # inside a process group of > 1 rank: share the views (demofusion.parallel)
+    view_ranks: int = 1  # the ranks each step's views are split for (default: the process group's, shared)
     control: object = None  # the ControlNets' images, scales and windows (controlnet.guide.Control) or None
     truncate_prompts: bool = False  # cut at 77 tokens, no weights (diffusers); else chunks and A1111 weights
     config: DemoFusionConfig | None = None  # the knobs as given (checked): stride/base_size None = the default
@@ -219,7 +222,7 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
              width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, config=None, image=None, latents=None,
              upscale_noise=None, prompt_2=None, negative_prompt_2=None, output_type="pil", callback=None,
              on_phase_end=None, preview_dir=None, resume_latents=None, max_memory=None, offload=None,
-             num_train_timesteps: int = 1000, controlnets: int = 0, control_image=None,
+             num_train_timesteps: int = 1000, view_ranks=None, controlnets: int = 0, control_image=None,
              controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
              guess_mode=False, **switches) -> Settings:
     """Check every argument of a run once and return the normalised :class:`Settings`.
@@ -227,7 +230,9 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
     ``config``: a :class:`~demofusion.config.DemoFusionConfig` (None: the defaults); its field
     names given as keywords override it (``stride=32``, ``cosine_scale_1=2.0`` …), checked by the
     config's own field metadata. ``controlnets``: how many ControlNets the pipeline has; the
-    control arguments are theirs."""
+    control arguments are theirs. ``view_ranks``: split each step's views for this many ranks
+    (None: the process group's size when ``distributed``, else 1); one process with N computes
+    what N ranks compute, bit for bit."""
     overrides, switches = split_overrides(switches, type(config) if isinstance(config, DemoFusionConfig) else None)
     unknown = set(switches) - set(SWITCHES)
     if unknown:
@@ -272,6 +277,8 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
         output_type=_check_output_type(output_type),
         callback=check_callable("callback", callback), on_phase_end=check_callable("on_phase_end", on_phase_end),
         preview_dir=_check_dir(preview_dir), max_memory=parse_budget(max_memory), offload=_check_offload(offload),
+        view_ranks=parallel.world(sw["distributed"]) if view_ranks is None else
+        check_int("view_ranks", view_ranks, 1, MAX_VIEW_RANKS, hint=" (ranks the views are split for)"),
         control=check_control(controlnets, B, control_image, controlnet_conditioning_scale, control_guidance_start,
                               control_guidance_end, guess_mode), config=cfg, **knob_fields, **sw)
     return _with_tensors(s, image, latents, upscale_noise, resume_latents, vae_scale)

@@ -253,7 +253,7 @@ class TextEncoders:
         embeds, pooled = self.encode(prompt, prompt_2, truncate=truncate)
         if not guidance:
             return embeds, None, pooled, None
-        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+        if self.zero_negative(negative_prompt, guidance):
             return embeds, torch.zeros_like(embeds), pooled, torch.zeros_like(pooled)
         b = embeds.shape[0]
         neg = negative_prompt or ""
@@ -265,6 +265,11 @@ class TextEncoders:
         if not truncate:  # ---- long prompts: same number of chunks (demofusion/text/prompts.py) ----
             embeds, neg_embeds = prompts.pad_pair(self, embeds, neg_embeds)
         return embeds, neg_embeds, pooled, neg_pooled
+
+    def zero_negative(self, negative_prompt, guidance: bool = True) -> bool:
+        """Whether :meth:`encode_with_negative` gives zeros as the negatives (known on the host, so
+        the UNet can skip their cross-attention without looking)."""
+        return guidance and negative_prompt is None and self.force_zeros_for_empty_prompt
 
     def __repr__(self) -> str:
         return (
