@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..ops import (dilate, gather_views, gaussian_blur, jitter_range, jitter_views, match_mean_std, pad_to_multiple,
                    scatter_add_views, undilate, view_starts)
 from .reference import DEFAULT, Policy
+from .steps import phase_steps, sampler_evaluations
 
 VAE_SCALE = 8  # pixels per latent
 
@@ -123,9 +124,14 @@ def view_layout(s, k: int) -> list[PathLayout]:
 
 
 def unet_evaluations(s, layout=view_layout) -> list[int]:
-    """Single-view UNet forwards per phase (× 2 with guidance): the run's work."""
-    return [sum(p.count for p in layout(s, k)) * s.num_inference_steps * (2 if s.cfg else 1)
-            for k in range(s.phases)]
+    """Single-view UNet forwards per phase (× 2 with guidance): the run's work, the steps each phase
+    runs (``phase_steps``) of its sampler."""
+    out = []
+    for k in range(s.phases):
+        n, first = phase_steps(s, k)
+        evals = sampler_evaluations(getattr(s, "counted_sampler", None), n - first)
+        out.append(sum(p.count for p in layout(s, k)) * evals * (2 if s.cfg else 1))
+    return out
 
 
 # ---- 3. cutting views and merging their predictions ----------------------------------------------
@@ -334,11 +340,13 @@ def first_phase(sched, D, z: torch.Tensor, steps, noise_g=None, on_step=None) ->
 
 
 def upscale_phase(sched, D, mech, s, z_up: torch.Tensor, eps_k: torch.Tensor, steps, noise_g=None,
-                  on_step=None) -> torch.Tensor:
+                  on_step=None, start: int = 0) -> torch.Tensor:
     """An upscaling phase from the upsampled previous latent ``z_up`` and its noise ``eps_k``:
-    ẑ_0, then per step the skip residual, the fused prediction, one sampler step."""
+    ẑ at the first entry ``start`` (0: pure noise, the paper; later: SDEdit from the upsampled
+    latent, ``upscale_strength``), then per step the skip residual, the fused prediction, one
+    sampler step."""
     T = sched.config.get("num_train_timesteps", 1000)
-    z = sched.add_noise_at(z_up, eps_k, 0)  # ẑ_0
+    z = sched.add_noise_at(z_up, eps_k, start)  # ẑ_start
     for i in steps:
         if s.skip_residual:
             c = mech.cosine_factor(sched.timesteps_cpu[i], T)
