@@ -192,7 +192,7 @@ def test_explicit_arguments_override_a_preset():
                  upscale_strength=1.0, guidance_scale=5.0)
     assert (s.sampler, s.sigmas, s.num_inference_steps, s.guidance_scale, s.upscale_strength) == \
         ("unipc", None, 7, 5.0, 1.0)
-    from demofusion.cli.common import with_preset
+    from demofusion.cli.sampling import with_preset
 
     assert with_preset({"preset": "lightning-4step", "num_inference_steps": 6}) == {
         "preset": "lightning-4step", "scheduler": "euler", "timestep_spacing": "trailing", "num_inference_steps": 6,

@@ -13,8 +13,8 @@ from .control import control_kwargs, control_maps
 from .preflight import check_files
 from .evaluate import ablate_metrics, check_ablate_metrics
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
-                     load_pipeline, model_fingerprint, normalise_sampler, oom_message, run_settings, sampler_name,
-                     with_preset)
+                     load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
+from .sampling import normalise_sampler, with_preset
 
 # every numeric DemoFusionConfig knob, and the run's steps and guidance
 SWEEPABLE = {k.name: int if k.kind == "int" else float for k in knobs() if k.kind in ("int", "float")} | \

@@ -24,8 +24,9 @@ from .args import CONTROL_KEYS, MODEL_KEYS, PLACEMENT_KEYS, RUN_KEYS
 from .preflight import check_files, check_replayed, warn_settings
 from .control import control_hashes, control_kwargs, control_maps
 from .common import (CLIError, base_size_of, budget_message, check_compile, check_device, check_dtype,
-                     defaults, is_oom, load_pipeline, memory_plan, normalise_sampler, oom_message, paper_settings,
-                     parse_loras, peak_memory, report_work, run_settings, sampler_name, warn_long_prompt, with_preset)
+                     defaults, is_oom, load_pipeline, memory_plan, oom_message, parse_loras, peak_memory, report_work,
+                     run_settings, sampler_name, warn_long_prompt)
+from .sampling import normalise_sampler, paper_settings, with_preset
 from .folder import RunFolder
 from .hashes import check_replay, check_resume, current_hashes, sha256 as _sha256
 

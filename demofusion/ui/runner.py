@@ -53,8 +53,8 @@ def load_model(model: str = "tiny", device: str = "auto", controlnet: str | None
                setup: dict | None = None) -> Model:
     """Load as `demofusion generate` does (same checks, same one-line errors). ``setup``: the
     model options of a run (``vae``, ``lora``, ``scheduler``, ``timestep_spacing``), applied once."""
-    from ..cli.common import (check_device, check_dtype, defaults, load_pipeline, model_fingerprint, normalise_sampler,
-                              parse_loras)
+    from ..cli.common import check_device, check_dtype, defaults, load_pipeline, model_fingerprint, parse_loras
+    from ..cli.sampling import normalise_sampler
 
     setup = normalise_sampler({k: v for k, v in (setup or {}).items() if v})
     params = defaults() | setup | {"model": str(model), "device": check_device(device),
