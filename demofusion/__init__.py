@@ -30,6 +30,7 @@ _LAZY = {
     "ControlNet": ("demofusion.controlnet", "ControlNet"),
     "WeightsError": ("demofusion.weights", "WeightsError"),
     "schedulers": ("demofusion.schedulers", None),
+    "PRESETS": ("demofusion.run_presets", "PRESETS"),
     "ops": ("demofusion.ops", None),
     "evaluate": ("demofusion.evaluate", "evaluate"),
 }

@@ -22,22 +22,23 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 
-KINDS = ("bool", "int", "float", "sizes")
+KINDS = ("bool", "int", "float", "sizes", "ints")
 GUIDANCE_MAX = 100.0  # guidance_scale's upper bound, for the API, the CLI and the UI alike
 MAX_PHASES = 64  # one limit for phases=… and the count a size implies (⌊max(H, W) / base⌋)
 
 
 def knob(default, help: str, kind: str, *, lo=None, hi=None, hint: str = "", label: str | None = None,
-         ablation: bool = False, always_in_run_id: bool = False, metavar: str | None = None):
+         ablation: bool = False, always_in_run_id: bool = False, metavar: str | None = None, lo_open: bool = False):
     """A config field: ``default``, ``help`` (the reference's words where it has them), ``kind``
-    (bool, int, float or sizes), the inclusive range ``lo``..``hi`` (``hi`` may name a value only
+    (bool, int, float, sizes, or ints: a list of whole numbers, each in range), the inclusive range
+    ``lo``..``hi`` (``lo_open``: ``lo`` itself excluded; ``hi`` may name a value only
     the run knows, e.g. "window"), ``hint`` appended to range errors, the UI ``label`` (default:
     the name in words), ``ablation``: an ``ablate`` cell "no-<name>" turns it off,
     ``always_in_run_id``: hashed even at its default (the knobs older run ids hold; a knob added
     later enters the id only when set, so older runs keep their ids)."""
     assert kind in KINDS, kind
     meta = dict(help=help, kind=kind, lo=lo, hi=hi, hint=hint, label=label, ablation=ablation,
-                always_in_run_id=always_in_run_id, metavar=metavar)
+                always_in_run_id=always_in_run_id, metavar=metavar, lo_open=lo_open)
     return field(default=default, metadata=meta)
 
 
@@ -59,16 +60,38 @@ def check_int(name: str, v, lo: int | None = None, hi: int | None = None, hint: 
     return v
 
 
-def check_float(name: str, v, lo: float | None = None, hi: float | None = None, hint: str = "") -> float:
+def check_float(name: str, v, lo: float | None = None, hi: float | None = None, hint: str = "",
+                lo_open: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise InputError(f"{name} must be a number, got {_type_name(v)} {v!r}{hint}")
     v = float(v)
     if not math.isfinite(v):
         raise InputError(f"{name} must be a finite number, got {v}{hint}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}"
+    below = lo is not None and (v <= lo if lo_open else v < lo)
+    if below or (hi is not None and v > hi):
+        rng = (f"in {'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else
+               f"{'>' if lo_open else '≥'} {lo}")
         raise InputError(f"{name} must be {rng}, got {v}{hint}")
     return v
+
+
+def check_ints(name: str, v, lo: int | None = None, hi: int | None = None, hint: str = "") -> list[int]:
+    """A non-empty list (or tuple) of whole numbers, each in ``lo``..``hi``."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or not v:
+        raise InputError(f"{name} must be a list of whole numbers, e.g. [30, 20, 20], got {_type_name(v)} "
+                         f"{v!r:.60}{hint}")
+    return [check_int(f"{name}[{i}]", x, lo, hi, hint) for i, x in enumerate(v)]
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"30,20,20"`` → [30, 20, 20]."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = None
+    if not values:
+        raise InputError(f"{text!r}: give whole numbers separated by commas, e.g. 30,20,20")
+    return values
 
 
 def check_bool(name: str, v) -> bool:
@@ -104,6 +127,7 @@ class Knob:
     ablation: bool = False
     always_in_run_id: bool = False
     metavar: str | None = None
+    lo_open: bool = False
 
     @property
     def flag(self) -> str:
@@ -132,8 +156,8 @@ class Knob:
         if lo is None and hi is None:
             return ""
         if hi is None:
-            return f"≥ {lo}"
-        return f"{lo} … {hi}"
+            return f"{'>' if self.lo_open else '≥'} {lo}"
+        return f"({lo}, {hi}]" if self.lo_open else f"{lo} … {hi}"
 
     def check(self, value, **context):
         """The normalised value, or an InputError naming the argument; None passes for optional knobs."""
@@ -149,7 +173,9 @@ class Knob:
         if self.kind == "int":
             return check_int(self.name, value, lo, hi, hint)
         if self.kind == "float":
-            return check_float(self.name, value, lo, hi, hint)
+            return check_float(self.name, value, lo, hi, hint, self.lo_open)
+        if self.kind == "ints":
+            return check_ints(self.name, value, lo, hi, hint)
         return value  # sizes: checked against the target by the run (settings.resolve_sizes)
 
     def parse(self, text: str):
@@ -166,9 +192,9 @@ class Knob:
             if text.lower() not in words:
                 raise InputError(f"{self.name} must be on or off, got {text!r}")
             return words[text.lower()]
-        if self.kind == "sizes":
+        if self.kind in ("sizes", "ints"):
             try:
-                return parse_sizes(text)
+                return (parse_sizes if self.kind == "sizes" else parse_ints)(text)
             except InputError as e:
                 raise InputError(f"{self.name} {e}") from None
         try:
@@ -287,6 +313,13 @@ class DemoFusionConfig:
     base_size: int | None = knob(
         None, "The model's native size in px, the size of phase 1's long side and of a window × 8; default: "
         "the model's (1024 for SDXL, 512 for Turbo).", "int", lo=64, hi=16384)
+    upscale_strength: float = knob(
+        1.0, "Fraction of the schedule every upscaling phase runs: it starts from the upsampled latent noised to "
+        "the step where this fraction remains (SDEdit-style), not from pure noise; 1 is the paper (all steps), "
+        "0.5 runs the last half.", "float", lo=0.0, hi=1.0, lo_open=True, label="Upscale strength")
+    steps_per_phase: list | None = knob(
+        None, "Steps of each phase, e.g. 30,20,20 (one number per phase); default: every phase takes the "
+        "run's steps.", "ints", lo=1, hi=1000, metavar="N,N,...", label="Steps per phase")
 
     def __post_init__(self):
         for k in knobs(type(self)):  # a config holds checked values only

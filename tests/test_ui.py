@@ -166,6 +166,28 @@ def test_runner_records_the_apps_lora_and_sampler(tmp_path):
     np.testing.assert_array_equal(pixels(tmp_path / "again" / "phase_1.png"), pixels(png))
 
 
+def test_runner_sampler_menu_samples_that_run_and_records_it(model, tmp_path):
+    """The Sampler menu (A1111 names): the run samples with the choice (the app's own sampler is
+    left as it was), records it as --scheduler/--sigmas and in the PNG's A1111 parameters, and
+    `--from-image` replays it pixel for pixel."""
+    from demofusion.ui.knobs import sampler_choices
+
+    values = [v for _, v in sampler_choices()]
+    assert values[0] == "" and {"DPM++ 2M Karras", "Euler a", "UniPC", "LCM", "Heun Exponential"} <= set(values)
+    assert "DDIM Karras" not in values
+    before = model.pipe.scheduler
+    run, end = run_page(model, tmp_path / "ui", prompt="a lighthouse", negative_prompt="", height=256, width=256,
+                        num_inference_steps=2, seed=5, view_batch_size=None, stride=16.0, max_memory="",
+                        sampler="DPM++ 2M Karras")
+    assert end.end == "done" and model.pipe.scheduler is before
+    png = run.folder / "phase_1.png"
+    params = read_png_params(png)
+    assert (params["scheduler"], params["sigmas"], params["sampler"]) == ("dpm++2m", "karras", "DPM++ 2M Karras")
+    assert "Sampler: DPM++ 2M Karras," in Image.open(png).text["parameters"]
+    assert main(["generate", "--from-image", str(png), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "again" / "phase_1.png"), pixels(png))
+
+
 def test_runner_img2img_and_controlnet_replay(model, tmp_path):
     rng = np.random.default_rng(0)
     picture = tmp_path / "picture.png"

@@ -59,7 +59,7 @@ def cmd_ui(args) -> int:
     try:
         return launch(model=args.model, host=args.host, port=args.port, controlnet=args.controlnet,
                       device=args.device, share=args.share, out=args.out,
-                      setup={k: getattr(args, k) for k in ("vae", "lora", "scheduler", "timestep_spacing")})
+                      setup={k: getattr(args, k) for k in ("vae", "lora", "scheduler", "sigmas", "timestep_spacing")})
     except KeyboardInterrupt:
         return 0
 

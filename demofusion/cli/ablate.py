@@ -14,6 +14,7 @@ from .preflight import check_files
 from .evaluate import ablate_metrics, check_ablate_metrics
 from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
                      load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
+from .sampling import normalise_sampler, with_preset
 
 # every numeric DemoFusionConfig knob, and the run's steps and guidance
 SWEEPABLE = {k.name: int if k.kind == "int" else float for k in knobs() if k.kind in ("int", "float")} | \
@@ -69,7 +70,8 @@ def cmd_ablate(args) -> int:
 
     if ranks.world_size() > 1:
         raise CLIError("ablate runs as one process (its cells are short); under torchrun use `generate`")
-    params = defaults() | {k: v for k, v in vars(args).items() if v is not None and k in defaults()}
+    params = defaults() | with_preset(normalise_sampler({k: v for k, v in vars(args).items()
+                                                         if v is not None and k in defaults()}))
     params["device"] = check_device(params["device"])
     params["dtype"] = check_dtype(params["dtype"], params["device"])
     print(f"demofusion: {params['model']} on {params['device']} in {params['dtype']}")

@@ -22,9 +22,11 @@ CONTROL_FLAGS = {"control_image": "--control-image", "controlnet_conditioning_sc
                  "guess_mode": "--guess-mode"}
 DEFAULTS.update(CONTROL_DEFAULTS)
 # what a run brings to the model: sampler, VAE, LoRAs, prompt handling (recorded, part of the run id)
-MODEL_DEFAULTS = {"scheduler": None, "timestep_spacing": None, "vae": None, "lora": None, "truncate_prompts": False}
+MODEL_DEFAULTS = {"scheduler": None, "timestep_spacing": None, "vae": None, "lora": None, "truncate_prompts": False,
+                  "sigmas": None, "preset": None}
 MODEL_KEYS = list(MODEL_DEFAULTS)
 from ..schedulers.names import SAMPLER_NAMES, SIGMAS  # noqa: E402  (the sampler name table, issue 24)
+from ..run_presets import PRESET_NAMES  # noqa: E402
 SPACINGS = ("leading", "trailing", "linspace")
 DEFAULTS.update(MODEL_DEFAULTS)
 # where a run's weights and batches go: recorded, free to change on resume (like --device)
@@ -97,10 +99,15 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     add_config_flags(p)
     _add_control_args(p)
     p.add_argument("--model", help="a path, or a preset: tiny (default), sdxl-base, sdxl-turbo")
-    p.add_argument("--scheduler", choices=SAMPLER_NAMES,
-                   help="the sampler, on the model's own schedule (default: the model's scheduler config)")
+    p.add_argument("--scheduler", metavar="NAME",
+                   help=f"the sampler, on the model's own schedule: {', '.join(SAMPLER_NAMES)}, or an A1111/ComfyUI "
+                        "name such as 'DPM++ 2M Karras' or dpmpp_2m (default: the model's scheduler config)")
+    p.add_argument("--sigmas", choices=SIGMAS, help="the σ schedule of euler, heun, dpm++*, unipc (default: the model's)")
     p.add_argument("--timestep-spacing", dest="timestep_spacing", choices=SPACINGS,
                    help="how the steps are spread (default: the model's: leading for SDXL base, trailing for Turbo)")
+    p.add_argument("--preset", choices=PRESET_NAMES,
+                   help="sampler, spacing, steps, guidance (and upscale strength) as the model family's card says; "
+                        "flags given override it (docs/schedulers.md, Presets)")
     p.add_argument("--vae", metavar="PATH", help="another VAE: a diffusers VAE folder or one .safetensors "
                    "(e.g. madebyollin/sdxl-vae-fp16-fix)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
@@ -214,7 +221,9 @@ def build_parser() -> Parser:
     w.add_argument("--out", default="out/ui", help="where each run's folder goes (default out/ui)")
     w.add_argument("--vae", metavar="PATH", help="another VAE (as generate --vae)")
     w.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA fused at startup; repeatable")
-    w.add_argument("--scheduler", choices=SAMPLER_NAMES, help="the sampler (as generate --scheduler)")
+    w.add_argument("--scheduler", metavar="NAME", help="the sampler (as generate --scheduler); the page's Sampler "
+                   "menu picks another per run")
+    w.add_argument("--sigmas", choices=SIGMAS, help="its σ schedule (as generate --sigmas)")
     w.add_argument("--timestep-spacing", dest="timestep_spacing", choices=SPACINGS)
     w.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
     return ap

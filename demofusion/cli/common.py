@@ -14,6 +14,8 @@ from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KE
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
              "not art. For real images: `demofusion download sdxl-base --dir weights/` then "
              "`--model weights/sdxl-base` (see weights/README.md).")
+# FLOPs of one SDXL UNet forward at batch 1 by latent window (docs/benchmarks.md)
+SDXL_UNET_FLOPS = {128: 6.76e12, 64: 1.59e12, 32: 4.28e11}
 WORK_WARNING = 2_000  # single-view UNet evaluations above which a CPU run of a real model is called out
 
 
@@ -95,8 +97,10 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
     kw = {k: params.get(k) for k in RUN_KEYS}  # (a knob added later is missing from older records: its default)
     try:
         kw |= {k: params.get(k) for k in PLACEMENT_KEYS}
+        check_sampler(params)
         s = validate(base, prompt=kw.pop("prompt"), **kw, force=bool(params.get("force")),
-                     truncate_prompts=bool(params.get("truncate_prompts")), **extra)
+                     truncate_prompts=bool(params.get("truncate_prompts")), pipeline_sampler=params.get("scheduler"),
+                     **extra)
         if stop_after is not None:
             check_int("--stop-after-phase", stop_after, 1, s.phases)
     except InputError as e:
@@ -114,16 +118,42 @@ def _as_flag(message: str) -> str:
     return reword(message, FLAGS)
 
 
-def report_work(s, device: str, model: str, layout=None) -> None:
+def report_work(s, device: str, model: str, layout=None, paper=None, preset: str | None = None) -> None:
     """First lines of a run: where it runs and how much work it is (warned above a threshold), the
-    views counted on ``layout`` (a pipeline's ``mechanisms.view_layout``; default the algorithm's)."""
+    views counted on ``layout`` (a pipeline's ``mechanisms.view_layout``; default the algorithm's);
+    with ``paper`` (the same run's Settings as the paper runs it), that work beside this one's."""
     evals = s.unet_evaluations(layout)
     sizes = " → ".join(f"{w}×{h}" for h, w in s.sizes)
+    flops = lambda n: "" if model == "tiny" or s.window not in SDXL_UNET_FLOPS else \
+        f" ≈ {n * SDXL_UNET_FLOPS[s.window]:.2e} FLOPs"  # noqa: E731 (SDXL's UNet; tiny's is another net)
     print(f"{s.phases} phase(s) {sizes}; {sum(evals):,} UNet evaluations of a {s.window}² latent view "
-          f"({', '.join(f'{e:,}' for e in evals)})")
+          f"({', '.join(f'{e:,}' for e in evals)}){flops(sum(evals))}")
+    if paper is not None:
+        ref = sum(paper.unet_evaluations(layout))
+        what = f"preset {preset or s.preset}" if preset or s.preset else "these settings"
+        print(f"work of {what}: {sum(evals):,} UNet evaluations{flops(sum(evals))}; the paper's default (50 steps, "
+              f"guidance 7.5, every phase from pure noise): {ref:,}{flops(ref)} — {_times(ref, sum(evals))}")
     if device == "cpu" and model != "tiny" and sum(evals) > WORK_WARNING:
         print(f"warning: {sum(evals):,} SDXL UNet evaluations on the CPU take many hours (seconds to minutes "
               "each); use --device cuda if you have a GPU", file=sys.stderr)
+
+
+def _times(ref: int, n: int) -> str:
+    return f"{ref / n:.1f}× fewer" if n <= ref else f"{n / ref:.1f}× more"
+
+
+def check_sampler(params: dict) -> None:
+    """--scheduler, --sigmas and --timestep-spacing build a sampler (checked on SDXL's schedule
+    before any weights load; the model's own config is applied when it does)."""
+    from ..schedulers import SDXL_BASE_CONFIG
+    from ..schedulers.names import sampler_options
+
+    if params.get("scheduler") or params.get("sigmas"):
+        try:
+            sampler_options(params.get("scheduler") or "euler", SDXL_BASE_CONFIG, params.get("timestep_spacing"),
+                            params.get("sigmas"))
+        except InputError as e:
+            raise CLIError(f"--{e}" if str(e).startswith(("scheduler", "sigmas")) else str(e)) from None
 
 
 def cpu_dtype_warning(dtype: str) -> str:
@@ -154,8 +184,9 @@ def load_pipeline(params: dict, compile_mode: str | None = None):
         pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=bool(params.get("fp8")),
                                                   controlnet=params.get("controlnet"), vae=params.get("vae"),
                                                   lora=parse_loras(params.get("lora")))
-        if params.get("scheduler") or params.get("timestep_spacing"):
-            pipe.set_scheduler(params.get("scheduler") or sampler_key(pipe.scheduler), params.get("timestep_spacing"))
+        if params.get("scheduler") or params.get("timestep_spacing") or params.get("sigmas"):
+            pipe.set_scheduler(params.get("scheduler") or sampler_key(pipe.scheduler), params.get("timestep_spacing"),
+                               params.get("sigmas"))
     except InputError as e:  # a ControlNet, VAE or LoRA that does not fit the model
         raise CLIError(_as_flag(str(e))) from None
     except (WeightsError, FileNotFoundError) as e:

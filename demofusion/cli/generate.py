@@ -26,6 +26,7 @@ from .control import control_hashes, control_kwargs, control_maps
 from .common import (CLIError, base_size_of, budget_message, check_compile, check_device, check_dtype,
                      defaults, is_oom, load_pipeline, memory_plan, oom_message, parse_loras, peak_memory, report_work,
                      run_settings, sampler_name, warn_long_prompt)
+from .sampling import normalise_sampler, paper_settings, with_preset
 from .folder import RunFolder
 from .hashes import check_replay, check_resume, current_hashes, sha256 as _sha256
 
@@ -51,8 +52,9 @@ def run_id(params: dict, config_cls=None) -> str:
 
 
 def _given(args) -> dict:
+    """The flags on the command line (the sampler in one spelling: common.normalise_sampler)."""
     keys = (*RUN_KEYS, *PLACEMENT_KEYS, *CONTROL_KEYS, *MODEL_KEYS, "model", "device", "dtype", "force", "fp8")
-    return {k: v for k, v in vars(args).items() if v is not None and k in keys}
+    return normalise_sampler({k: v for k, v in vars(args).items() if v is not None and k in keys})
 
 
 def _resumed_params(args) -> tuple[dict, Path]:
@@ -113,7 +115,7 @@ def settle_params(args) -> tuple[dict, Path | None, bool]:
         source = read_png_params(args.from_image)
         check_replayed(source, args.from_image)  # untrusted input: each field typed as its flag
         params.update({k: v for k, v in source.items() if k not in (*DERIVED, "device")})
-    params.update(_given(args))
+    params.update(with_preset(_given(args)))  # a --preset given now fills the flags not given
     if args.image:
         params["image"] = args.image
     params["control_sha256"] = control_hashes(params)
@@ -177,7 +179,7 @@ def cmd_generate(args) -> int:
     if getattr(args, "prompts", None):
         from .batch import cmd_prompts
 
-        params = defaults() | _given(args)
+        params = defaults() | with_preset(_given(args))
         params["device"] = check_device(params["device"])
         params["dtype"] = check_dtype(params["dtype"], params["device"])
         check_compile(args.compile)
@@ -204,7 +206,9 @@ def _check_all(args, params: dict, out, resuming: bool, dry: bool):
     parse_loras(params.get("lora"))  # files and scales
     if out is not None and not resuming:
         _check_folder(out, args, params)  # a bad --out is said before the weights load
-    report_work(settings, params["device"], params["model"])
+    paper = paper_settings(params, base, image=image, controlnets=len(params.get("controlnet") or []), **control) \
+        if dry else None
+    report_work(settings, params["device"], params["model"], paper=paper, preset=params.get("preset"))
     if dry or params.get("max_memory") not in (None, "auto"):  # a pure settings check: before anything is written
         try:
             plan = memory_plan(settings, params)
@@ -247,6 +251,9 @@ def _generate(args, dry: bool, stack, folder: RunFolder | None) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(params, args.compile)
     _check_hashes(args, pipe, params, out, resuming)
+    if resuming and params.get("sampler") not in (None, sampler_name(pipe.scheduler)):
+        raise CLIError(f"--resume {out}: the run sampled with {params['sampler']!r}, this model's scheduler now gives "
+                       f"{sampler_name(pipe.scheduler)!r} (its scheduler config changed); restore it, or start a new run")
     params.update(sampler=sampler_name(pipe.scheduler), version=__version__)
     params["run_id"] = run_id(params) if not resuming else params["run_id"]
     done = finished_phases(out, params, settings) if resuming else []

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from .args import OFFLOAD, SAMPLER_NAMES, SPACINGS
+from .args import OFFLOAD, PRESET_NAMES, SAMPLER_NAMES, SIGMAS, SPACINGS
 from .common import FLAGS, CLIError, parse_loras
 
 PRESETS = ("tiny", "sdxl-base", "sdxl-turbo")
@@ -72,6 +72,7 @@ FIELDS = {
     "num_inference_steps": (_int, "a whole number"), "seed": (_int, "a whole number"),
     "guidance_scale": (_number, "a number"), "cosine_scale_1": (_number, "a number"),
     "cosine_scale_2": (_number, "a number"), "cosine_scale_3": (_number, "a number"), "sigma": (_number, "a number"),
+    "upscale_strength": (_number, "a number"),
     "canny_low": (_int, "a whole number"), "canny_high": (_int, "a whole number"),
     "model": (lambda v: isinstance(v, str), "a path or a preset name"), "dtype": (lambda v: isinstance(v, str), "a dtype name"),
 }
@@ -87,6 +88,8 @@ OPTIONAL = {
     "control_end": (lambda v: isinstance(v, list) and all(map(_number, v)), "a list of numbers"),
     "scheduler": (_one_of(*SAMPLER_NAMES), " or ".join(SAMPLER_NAMES)),
     "timestep_spacing": (_one_of(*SPACINGS), " or ".join(SPACINGS)),
+    "sigmas": (_one_of(*SIGMAS), " or ".join(SIGMAS)), "preset": (_one_of(*PRESET_NAMES), " or ".join(PRESET_NAMES)),
+    "steps_per_phase": (lambda v: isinstance(v, list) and len(v) > 0 and all(map(_int, v)), "a list of whole numbers"),
     "max_memory": (lambda v: isinstance(v, str), "a size such as 8GB"), "offload": (_one_of(*OFFLOAD), " or ".join(OFFLOAD)),
     "view_ranks": (_int, "a whole number"),
     "fp8": (lambda v: isinstance(v, bool), "true or false"), "force": (lambda v: isinstance(v, bool), "true or false"),

@@ -155,8 +155,15 @@ def unet_stages(m: Model, s, c: Choice) -> list[Stage]:
             act, images = _with_controlnets(m, s, k, act, tuple(shape), b, rows)
             out.append(Stage(k + 1, "unet", f"{paths}: batch {b} × {shape[0]}×{shape[1]}",
                              _weights(m, c.offload, "unet", s.offload_text_encoders), act,
-                             _latent_bytes(s, k, s.num_inference_steps, "unet", m.view_layout) + images, b))
+                             _latent_bytes(s, k, _steps_run(s, k), "unet", m.view_layout) + images, b))
     return out
+
+
+def _steps_run(s, k: int) -> int:
+    """The steps phase ``k`` runs (steps_per_phase, upscale_strength): each keeps a noised copy in
+    reference mode."""
+    n, first = s.phase_steps(k)
+    return n - first
 
 
 def _with_controlnets(m: Model, s, k: int, unet_act: int, shape: tuple, b: int, rows: int) -> tuple[int, int]:
@@ -188,7 +195,7 @@ def vae_stages(m: Model, s, c: Choice) -> list[Stage]:
         key = ("decode run", repr(m.vae_config), m.decode_dtype, s.batch, s.sizes[k], s.multi_decoder,
                s.reference_compat, k == 0, c.decode_tile, c.decode_batch)
         act, detail = _once(key, lambda: decode_peak(s, k, vae, c.decode_tile, c.decode_batch))
-        out.append(Stage(k + 1, "decode", detail, w, act, _latent_bytes(s, k, s.num_inference_steps, "decode")))
+        out.append(Stage(k + 1, "decode", detail, w, act, _latent_bytes(s, k, _steps_run(s, k), "decode")))
     return out
 
 

@@ -27,6 +27,7 @@ from ..ops import (dilate, gather_views, gaussian_blur, jitter_range, jitter_vie
                    scatter_add_views, undilate, view_starts)
 from .draws import Corners
 from .reference import DEFAULT, Policy
+from .steps import phase_steps, sampler_evaluations
 
 VAE_SCALE = 8  # pixels per latent
 
@@ -124,9 +125,14 @@ def view_layout(s, k: int) -> list[PathLayout]:
 
 
 def unet_evaluations(s, layout=view_layout) -> list[int]:
-    """Single-view UNet forwards per phase (× 2 with guidance): the run's work."""
-    return [sum(p.count for p in layout(s, k)) * s.num_inference_steps * (2 if s.cfg else 1)
-            for k in range(s.phases)]
+    """Single-view UNet forwards per phase (× 2 with guidance): the run's work, the steps each phase
+    runs (``phase_steps``) of its sampler."""
+    out = []
+    for k in range(s.phases):
+        n, first = phase_steps(s, k)
+        evals = sampler_evaluations(getattr(s, "counted_sampler", None), n - first)
+        out.append(sum(p.count for p in layout(s, k)) * evals * (2 if s.cfg else 1))
+    return out
 
 
 def rank_evaluations(s, ranks: int, layout=view_layout, policy: Policy = DEFAULT) -> list[int]:
@@ -142,7 +148,8 @@ def rank_evaluations(s, ranks: int, layout=view_layout, policy: Policy = DEFAULT
                 n = c.views * (1 if c.half else rows)
                 for r in (range(ranks) if len(cut) == 1 else [c.rank % ranks]):
                     work[r] += n
-        out.append(max(work) * s.num_inference_steps)
+        n_steps, first = phase_steps(s, k)
+        out.append(max(work) * sampler_evaluations(getattr(s, "counted_sampler", None), n_steps - first))
     return out
 
 
@@ -385,10 +392,12 @@ def upscale_step(sched, D, mech, s, z: torch.Tensor, z_up: torch.Tensor, eps_k: 
 
 
 def upscale_phase(sched, D, mech, s, z_up: torch.Tensor, eps_k: torch.Tensor, steps, draws=None,
-                  on_step=None) -> torch.Tensor:
+                  on_step=None, start: int = 0) -> torch.Tensor:
     """An upscaling phase from the upsampled previous latent ``z_up`` and its noise ``eps_k``:
-    ẑ_0, then :func:`upscale_step` per step, its jitter and noise from ``draws`` (PhaseDraws)."""
-    z = sched.add_noise_at(z_up, eps_k, 0)  # ẑ_0
+    ẑ at the first entry ``start`` (0: pure noise, the paper; later: SDEdit from the upsampled
+    latent, ``upscale_strength``), then :func:`upscale_step` per step, its jitter and noise from
+    ``draws`` (PhaseDraws)."""
+    z = sched.add_noise_at(z_up, eps_k, start)  # ẑ_start
     for i in steps:
         corners, noise = (None, None) if draws is None else draws.step(i)
         z = upscale_step(sched, D, mech, s, z, z_up, eps_k, i, corners, noise)

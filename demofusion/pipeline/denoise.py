@@ -32,13 +32,13 @@ def phase_generators(seed: int, phases: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (phases,), generator=root)]
 
 
-def steps_of(n: int, phase: int, phases: int, progress: bool):
-    """The step indices 0 … n−1, behind a tqdm bar per phase when ``progress`` (on rank 0)."""
+def steps_of(n: int, phase: int, phases: int, progress: bool, start: int = 0):
+    """The step indices ``start`` … n−1, behind a tqdm bar per phase when ``progress`` (on rank 0)."""
     if not progress or parallel.rank() != 0:
-        return range(n)
+        return range(start, n)
     from tqdm.auto import tqdm
 
-    return tqdm(range(n), desc=f"phase {phase}/{phases}", unit="step", leave=True)
+    return tqdm(range(start, n), desc=f"phase {phase}/{phases}", unit="step", leave=True)
 
 
 def needs_noise(scheduler) -> bool:

@@ -53,11 +53,13 @@ class PhaseDraws:
     ``place``: jitter uniforms [..., V, 2] → the local windows' corners [..., V, 2] on the host
     (``place(None)``: unjittered); None when the phase has no local windows. ``jitter``: draw the
     uniforms (else the corners are fixed, made and copied once). ``noise_shape``: a noise canvas
-    per step (stochastic samplers), or None."""
+    per step (stochastic samplers), or None. ``first``: the first of the ``steps`` schedule entries
+    the phase runs (``upscale_strength`` < 1): only entries ``first …`` draw."""
 
     def __init__(self, g: torch.Generator | None, steps: int, device, place=None, jitter: bool = False,
-                 noise_shape=None):
+                 noise_shape=None, first: int = 0):
         self.g, self.device, self.place, self.noise_shape = g, torch.device(device), place, noise_shape
+        self.first, steps = first, steps - first
         self.views = 0 if place is None or not jitter else place(None).shape[0]
         self.fixed = None  # the corners of every step, or of every step stacked [S, V, 2]
         if place is not None and not jitter:
@@ -72,7 +74,7 @@ class PhaseDraws:
     def step(self, i: int) -> tuple[Corners | None, torch.Tensor | None]:
         """(corners, noise) of step i, drawn now if not drawn ahead: the jitter first, then the noise."""
         if self.fixed is not None:
-            corners = self.fixed[i] if self.stacked else self.fixed
+            corners = self.fixed[i - self.first] if self.stacked else self.fixed
         elif self.views:
             corners = self._corners(self.place(torch.rand((self.views, 2), generator=self.g, dtype=torch.float64)))
         else:

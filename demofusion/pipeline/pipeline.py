@@ -39,6 +39,7 @@ from .guards import FiniteWatch, check_image, likely_cause
 from .loading import save_components
 from .reference import policy_for
 from .settings import Settings, validate
+from .steps import first_entry, run_scheduler
 
 @dataclass
 class DemoFusionOutput:
@@ -165,11 +166,15 @@ class DemoFusionPipeline:
         """Check the arguments of a call (same names as ``__call__``) without running it: the
         normalised :class:`Settings`, or an :class:`~demofusion.errors.InputError` naming the
         argument and the fix."""
+        from ..schedulers import sampler_key
+
         T = self.scheduler.config.get("num_train_timesteps", 1000)
         for k in ("max_memory", "offload"):  # the pipeline's defaults (from_pretrained) unless given
             kwargs[k] = getattr(self, k) if kwargs.get(k) is None else kwargs[k]
-        return validate(self.base_size, 8, self.mechanisms, prompt=prompt, num_train_timesteps=T,
-                        controlnets=len(self.controlnets), **kwargs)
+        s = validate(self.base_size, 8, self.mechanisms, prompt=prompt, num_train_timesteps=T,
+                     controlnets=len(self.controlnets), pipeline_sampler=sampler_key(self.scheduler), **kwargs)
+        run_scheduler(self.scheduler, s)  # a sampler the call names is built (and refused) now
+        return s
 
     def memory_plan(self, height: int = 3072, width: int = 3072, max_memory=None, prompt="", **kwargs) -> MemoryPlan:
         """The memory plan of a call with these arguments: offload policy, view batch, VAE tiles, and
@@ -197,10 +202,12 @@ class DemoFusionPipeline:
         negative_prompt=None,
         height: int = 3072,
         width: int = 3072,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         *,
+        preset: str | None = None,
+        sampler: str | None = None,
         config: DemoFusionConfig | None = None,
         image=None,
         latents: torch.Tensor | None = None,
@@ -262,8 +269,16 @@ class DemoFusionPipeline:
         SDXL ControlNet pipeline names them, in every phase (docs/controlnet.md).
         Prompts: longer than 75 tokens in 75-token chunks, A1111 weights ``(word:1.3)`` as compel
         computes them (docs/prompts.md); ``truncate_prompts``: cut at 77 tokens, no weights (diffusers).
+        ``num_inference_steps`` / ``guidance_scale`` None: the preset's, else 50 / 7.5.
+        ``preset``: a run preset (``fast``, ``lightning-4step``, ``lcm``, … docs/schedulers.md) setting
+        the sampler, spacing, steps, guidance and knobs this call does not give. ``sampler``: this
+        call's sampler by name ("dpm++2m", "DPM++ 2M Karras", …; with ``sigmas=`` and
+        ``timestep_spacing=`` keywords), on the model's schedule; None: the pipeline's (or the preset's).
         """
         args = {k: v for k, v in locals().items() if k not in ("self", "prompt", "knobs")} | knobs
+        for k in ("num_inference_steps", "guidance_scale"):  # not given: the preset's, else the default
+            if args[k] is None:
+                del args[k]
         s = self.validate(prompt, **args)
         plan = plan_run(self, s, estimate_stages=False)
         s = dataclasses.replace(s, view_batch_size=plan.view_batch_size)
@@ -278,8 +293,7 @@ class DemoFusionPipeline:
         return self.placement.stage(stage, plan.offload, s.offload_text_encoders)
 
     def _run(self, s: Settings, plan: MemoryPlan) -> DemoFusionOutput:
-        model = self._guided_unet(s, plan)
-        self.scheduler.set_timesteps(s.num_inference_steps, device=self.device)
+        model = self._guided_unet(s, plan, run_scheduler(self.scheduler, s))
         gens = phase_generators(s.seed, s.phases)
         watch = FiniteWatch(likely_cause(self.unet.dtype))
         out = DemoFusionOutput(images=[], latents=[], phase_sizes=s.sizes)
@@ -302,14 +316,14 @@ class DemoFusionPipeline:
                 z = self._phase(s, model, k, z, gens[k], watch)
             if s.renormalise:
                 z = self.mechanisms.renormalise(z, *anchor)
-            watch.see(z, k + 1, s.num_inference_steps - 1)
+            watch.see(z, k + 1, len(model.scheduler.timesteps_cpu) - 1)
             watch.check(k + 1)
             self._finish(s, plan, out, k, z, t0, model)
         return out
 
-    def _guided_unet(self, s: Settings, plan: MemoryPlan) -> GuidedUNet:
+    def _guided_unet(self, s: Settings, plan: MemoryPlan, scheduler) -> GuidedUNet:
         """Encode the prompts (the text encoders are on the device for this only, by default) → the
-        run's guided UNet."""
+        run's guided UNet, sampling with ``scheduler``."""
         dev, dt = self.device, self.unet.dtype
         with self._place("text", s, plan):
             embeds, neg_embeds, pooled, neg_pooled = self.text.encode_with_negative(
@@ -322,7 +336,7 @@ class DemoFusionPipeline:
         cond = Conditioning(on(embeds), on(pooled), on(neg_embeds), on(neg_pooled), time_ids, zero)
         guide = None if s.control is None else Guide(self.controlnets, s.control, s.num_inference_steps, dev,
                                                      s.reference_compat)
-        return GuidedUNet(self.unet, self.scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale,
+        return GuidedUNet(self.unet, scheduler, cond, s.batch, s.view_batch_size, s.guidance_scale,
                           plan.cfg_apart, parallel.runner(s.distributed), guide)
 
     def _start(self, s: Settings, plan: MemoryPlan, g) -> torch.Tensor | None:
@@ -339,7 +353,11 @@ class DemoFusionPipeline:
     def _phase(self, s: Settings, model: GuidedUNet, k: int, z, g, watch: FiniteWatch) -> torch.Tensor:
         """Phase k+1 (0-based ``k``) with its generator ``g``: the multi-view denoiser of the phase
         and the sampler loop (:func:`.algorithm.first_phase` / :func:`.algorithm.upscale_phase`)."""
-        mech, sched, dev = self.mechanisms, self.scheduler, self.device
+        mech, sched, dev = self.mechanisms, model.scheduler, self.device
+        n, first = s.phase_steps(k)
+        sched.set_timesteps(n, device=dev)  # its own steps; a multistep sampler's history restarts
+        if model.guide is not None:
+            model.guide.steps = n  # the ControlNets' windows are fractions of this phase's steps
         images = None if model.guide is None else model.guide.phase_images(s.sizes, k)
         upscaling = k >= s.first_upscale
         if upscaling:  # the upsampled latent and its noise ε_k come first from g, then the jitter
@@ -351,9 +369,10 @@ class DemoFusionPipeline:
             latents = s.latents if s.latents is not None else torch.randn((s.batch, 4, h1, w1), generator=g)
             z = upload(latents, dev).to(torch.float32) * sched.init_sigma()  # a CPU scalar: not read on the host
         D = MultiViewDenoiser(model, mech, s, k, policy_for(s.reference_compat), images)
-        steps = steps_of(len(sched.timesteps_cpu), k + 1, s.phases, s.progress)
+        start = first_entry(sched, first)
+        steps = steps_of(len(sched.timesteps_cpu), k + 1, s.phases, s.progress, start)
         noise = tuple(z_up.shape if upscaling else z.shape) if needs_noise(sched) else None
-        draws = PhaseDraws(g, len(sched.timesteps_cpu), dev, D.place if D.local else None, D.jitters, noise)
+        draws = PhaseDraws(g, len(sched.timesteps_cpu), dev, D.place if D.local else None, D.jitters, noise, start)
 
         def on_step(i: int, z):
             watch.see(z, k + 1, i)
@@ -364,7 +383,8 @@ class DemoFusionPipeline:
             z = A.first_phase(sched, D, z, steps, draws, on_step)
             watch.check(1)
             return z
-        return A.upscale_phase(sched, D, mech, s, z_up, upload(eps, dev).to(z_up.dtype), steps, draws, on_step)
+        return A.upscale_phase(sched, D, mech, s, z_up, upload(eps, dev).to(z_up.dtype), steps, draws, on_step,
+                               start)
 
     def _finish(self, s: Settings, plan: MemoryPlan, out: DemoFusionOutput, k: int, z, t0: float, denoise: GuidedUNet,
                 done=False):

@@ -81,6 +81,11 @@ class Settings:
     control: object = None  # the ControlNets' images, scales and windows (controlnet.guide.Control) or None
     truncate_prompts: bool = False  # cut at 77 tokens, no weights (diffusers); else chunks and A1111 weights
     config: DemoFusionConfig | None = None  # the knobs as given (checked): stride/base_size None = the default
+    preset: str | None = None  # the run preset that filled the arguments not given (run_presets.py)
+    sampler: str | None = None  # the call's sampler (our name), its σ schedule and spacing; None: the pipeline's
+    sigmas: str | None = None
+    timestep_spacing: str | None = None
+    pipeline_sampler: str | None = None  # the pipeline's own sampler (our name), for counting evaluations
 
     def __getattr__(self, name):
         """A knob of ``config`` without a flat field (one added later, or by a subclass)."""
@@ -116,6 +121,15 @@ class Settings:
     def first_upscale(self) -> int:
         """Index of the first upscaling phase: 0 for img2img (the image replaces phase 1), else 1."""
         return 0 if self.image is not None else 1
+
+    @property
+    def counted_sampler(self) -> str | None:
+        """The sampler the run steps with (our name), as far as the settings know."""
+        return self.sampler or self.pipeline_sampler
+
+    def phase_steps(self, k: int) -> tuple[int, int]:
+        """(steps of phase ``k``'s schedule, the first step it runs): see algorithm.phase_steps."""
+        return M.phase_steps(self, k)
 
     def unet_evaluations(self, layout=None) -> list[int]:
         """Single-view UNet forwards per phase (× 2 with guidance): the run's work, counted on
@@ -218,13 +232,17 @@ def check_size(height: int, width: int, base: int, reference_compat: bool, force
 
 
 # ---- the one entry point ----------------------------------------------------------------------
+UNSET = object()  # an argument not given: a preset's value, else the default (50 steps, guidance 7.5)
+
+
 def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negative_prompt=None, height=3072,
-             width=3072, num_inference_steps=50, guidance_scale=7.5, seed=0, config=None, image=None, latents=None,
-             upscale_noise=None, prompt_2=None, negative_prompt_2=None, output_type="pil", callback=None,
+             width=3072, num_inference_steps=UNSET, guidance_scale=UNSET, seed=0, config=None, image=None,
+             latents=None, upscale_noise=None, prompt_2=None, negative_prompt_2=None, output_type="pil", callback=None,
              on_phase_end=None, preview_dir=None, resume_latents=None, max_memory=None, offload=None,
              num_train_timesteps: int = 1000, view_ranks=None, controlnets: int = 0, control_image=None,
              controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-             guess_mode=False, **switches) -> Settings:
+             guess_mode=False, preset=None, sampler=None, sigmas=None, timestep_spacing=None,
+             pipeline_sampler=None, **switches) -> Settings:
     """Check every argument of a run once and return the normalised :class:`Settings`.
 
     ``config``: a :class:`~demofusion.config.DemoFusionConfig` (None: the defaults); its field
@@ -232,8 +250,13 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
     config's own field metadata. ``controlnets``: how many ControlNets the pipeline has; the
     control arguments are theirs. ``view_ranks``: split each step's views for this many ranks
     (None: the process group's size when ``distributed``, else 1); one process with N computes
-    what N ranks compute, bit for bit."""
+    what N ranks compute, bit for bit. ``preset`` (run_presets.PRESETS) fills the sampler, spacing,
+    steps, guidance and knobs not given; ``sampler`` (any spelling), ``sigmas``, ``timestep_spacing``:
+    the call's sampler (None: the pipeline's, ``pipeline_sampler`` by name)."""
     overrides, switches = split_overrides(switches, type(config) if isinstance(config, DemoFusionConfig) else None)
+    sampling = _sampling(preset, overrides, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         sampler=sampler, sigmas=sigmas, timestep_spacing=timestep_spacing)
+    num_inference_steps, guidance_scale = sampling.pop("num_inference_steps"), sampling.pop("guidance_scale")
     unknown = set(switches) - set(SWITCHES)
     if unknown:
         raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
@@ -260,6 +283,7 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
                          "or pass force=True")
     if not (cfg.local_paths or cfg.dilated_sampling):
         raise InputError("at least one path must denoise, but local_paths and dilated_sampling are both off")
+    _check_phase_steps(cfg, len(sizes), num_train_timesteps, sw["reference_compat"])
     flat = {f.name for f in fields(Settings)}
     knob_fields = {k.name: getattr(cfg, k.name) for k in knobs(type(cfg)) if k.name in flat}
     knob_fields.update(stride=window // 2 if cfg.stride is None else cfg.stride, base_size=base)  # the defaults
@@ -280,8 +304,46 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
         view_ranks=parallel.world(sw["distributed"]) if view_ranks is None else
         check_int("view_ranks", view_ranks, 1, MAX_VIEW_RANKS, hint=" (ranks the views are split for)"),
         control=check_control(controlnets, B, control_image, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode), config=cfg, **knob_fields, **sw)
+                              control_guidance_end, guess_mode), config=cfg, **knob_fields, **sw, **sampling,
+        pipeline_sampler=pipeline_sampler)
     return _with_tensors(s, image, latents, upscale_noise, resume_latents, vae_scale)
+
+
+def _sampling(preset, overrides: dict, **given) -> dict:
+    """Steps, guidance and the call's sampler (normalised: our name, σ schedule, spacing), the
+    preset filling what was not given (its knobs go into ``overrides`` unless given there)."""
+    from ..run_presets import get_preset, preset_values
+    from ..schedulers.names import parse_sampler
+    from ..schedulers.schedule import SPACINGS
+
+    explicit = {k for k, v in given.items() if v is not UNSET and v is not None} | set(overrides)
+    values = preset_values(get_preset(preset).name, explicit) if preset is not None else {}
+    for k, v in values.items():
+        if k in given:
+            given[k] = v
+        else:
+            overrides[k] = v
+    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5}
+    out = {k: defaults[k] if v is UNSET else v for k, v in given.items()}
+    if out["sampler"] is not None or out["sigmas"] is not None:
+        name, kind = parse_sampler(out["sampler"] or "euler", out["sigmas"])
+        out["sampler"], out["sigmas"] = (name if out["sampler"] is not None else None), kind
+    if out["timestep_spacing"] is not None and out["timestep_spacing"] not in SPACINGS:
+        raise InputError(f"timestep_spacing {out['timestep_spacing']!r}: unknown; use one of {', '.join(SPACINGS)}")
+    return out | {"preset": preset}
+
+
+def _check_phase_steps(cfg, phases: int, num_train_timesteps: int, reference_compat: bool) -> None:
+    """steps_per_phase names every phase; the reference has no partial upscaling phases."""
+    if cfg.steps_per_phase is not None:
+        if len(cfg.steps_per_phase) != phases:
+            raise InputError(f"steps_per_phase has {len(cfg.steps_per_phase)} entries but the run has {phases} "
+                             f"phases; give one number per phase")
+        for k, n in enumerate(cfg.steps_per_phase):
+            check_int(f"steps_per_phase[{k}]", n, 1, num_train_timesteps)
+    if reference_compat and cfg.upscale_strength != 1.0:
+        raise InputError(f"upscale_strength={cfg.upscale_strength} cannot be combined with reference_compat=True "
+                         "(the reference restarts every phase from pure noise); drop one of them")
 
 
 def _check_offload(v) -> str | None:

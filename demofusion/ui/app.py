@@ -25,7 +25,7 @@ from ..cli.args import DEFAULTS  # noqa: E402
 from ..errors import InputError  # noqa: E402
 from . import runner, worker  # noqa: E402
 from ..config import knobs  # noqa: E402
-from .knobs import HELP, LABELS, control_spec, markdown_text  # noqa: E402
+from .knobs import HELP, LABELS, control_spec, markdown_text, sampler_choices  # noqa: E402
 
 CSS = """
 #df-progress .df-track { height: 14px; background: var(--neutral-200, #e5e7eb); border-radius: 7px; overflow: hidden; }
@@ -122,6 +122,8 @@ def build_app(pipe_or_model="tiny", *, controlnet: str | None = None, device: st
                 with gr.Row():
                     fields["num_inference_steps"] = _number("num_inference_steps", DEFAULTS["num_inference_steps"])
                     fields["guidance_scale"] = _number("guidance_scale", DEFAULTS["guidance_scale"], step=0.1)
+                    fields["sampler"] = gr.Dropdown(sampler_choices(), value="", label=LABELS["sampler"],
+                                                    info=HELP["sampler"], elem_id="df-sampler")
                 with gr.Row(equal_height=True):
                     # text, not a number: the browser's numbers are doubles, which round seeds above 2**53
                     fields["seed"] = gr.Textbox(str(DEFAULTS["seed"]), label=LABELS["seed"], info=HELP["seed"],
@@ -245,13 +247,15 @@ def _generate(model, sessions, out, page, history, session, c):
     s = plan.settings
     sizes = " → ".join(f"{w}×{h}" for h, w in s.sizes)
     yield {**idle, c["progress"]: progress_html(0, f"Phase 1 of {s.phases}: starting…"),
-           c["message"]: f"Running {s.phases} phase(s): {sizes} px, {s.num_inference_steps} steps each; "
+           c["message"]: f"Running {s.phases} phase(s): {sizes} px, "
+                         f"{' / '.join(str(s.phase_steps(k)[0] - s.phase_steps(k)[1]) for k in range(s.phases))} steps; "
                          f"writing to `{run.folder}`."}
     sessions.add(session, run)
     shown = []
     try:
         for snap in run.watch():
-            text = (f"Phase {max(snap.phase, 1)} of {s.phases} · step {snap.step + 1} of {s.num_inference_steps} · "
+            text = (f"Phase {max(snap.phase, 1)} of {s.phases} · step {snap.step + 1} of "
+                    f"{s.phase_steps(max(snap.phase, 1) - 1)[0]} · "
                     f"{100 * snap.fraction:.0f} % · {snap.elapsed:.1f} s")
             upd = {c["progress"]: progress_html(snap.fraction, text)}
             for k, path, (h, w) in snap.new_phases:

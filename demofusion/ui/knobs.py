@@ -31,6 +31,7 @@ LABELS = {
     "control_guidance_start": "Control start",
     "control_guidance_end": "Control end",
     "guess_mode": "Guess mode",
+    "sampler": "Sampler",
     **{k.name: k.title for k in knobs()},
 }
 # the CLI's flags, as some shared helpers word their errors
@@ -65,7 +66,20 @@ HELP = {
     "control_end": "The fraction of the steps after which the ControlNet stops acting.",
     "guess_mode": "The ControlNet sees only the conditional half (diffusers' guess mode); try with an empty prompt.",
     "control_upscale": "Also start from the picture (image to image), as the reference's ControlNet img2img demo.",
+    "sampler": "The sampler, by its A1111 name, on the model's own schedule (docs/schedulers.md); the PNG records "
+               "it. Model's own: the scheduler the model (or the app's --scheduler) brings.",
 }
+
+
+def sampler_choices() -> list[tuple[str, str]]:
+    """The Sampler menu: (label, value) pairs, the model's own first, then every sampler by its A1111
+    name, with " Karras" / " Exponential" for those that take a σ schedule."""
+    from ..schedulers.names import SAMPLERS, SIGMA_SCHEDULE_CLASSES, SIGMAS
+
+    names = []
+    for cls, _, a1111 in SAMPLERS.values():
+        names += [a1111] + ([f"{a1111} {k.capitalize()}" for k in SIGMAS] if cls in SIGMA_SCHEDULE_CLASSES else [])
+    return [("Model's own", "")] + [(n, n) for n in names]
 
 
 def knob_help(k: Knob) -> str:

@@ -54,8 +54,9 @@ def load_model(model: str = "tiny", device: str = "auto", controlnet: str | None
     """Load as `demofusion generate` does (same checks, same one-line errors). ``setup``: the
     model options of a run (``vae``, ``lora``, ``scheduler``, ``timestep_spacing``), applied once."""
     from ..cli.common import check_device, check_dtype, defaults, load_pipeline, model_fingerprint, parse_loras
+    from ..cli.sampling import normalise_sampler
 
-    setup = {k: v for k, v in (setup or {}).items() if v}
+    setup = normalise_sampler({k: v for k, v in (setup or {}).items() if v})
     params = defaults() | setup | {"model": str(model), "device": check_device(device),
                                    "controlnet": [str(controlnet)] if controlnet else None}
     params["dtype"] = check_dtype(params["dtype"], params["device"])
@@ -111,6 +112,7 @@ class PageBase:
     control_end: float | None = 1.0
     guess_mode: bool = False
     control_upscale: bool = False  # ControlNet tab: also start from control_picture (image to image)
+    sampler: str = ""  # the Sampler menu: an A1111 name ("DPM++ 2M Karras"); empty: the model's
 
 
 # one field per DemoFusionConfig knob, its default the config's (text controls: "" or None is the default)
@@ -196,6 +198,7 @@ def _prepare(model: Model, page: Page) -> Plan:
         _image_size(image, size, params)
         plan.inputs["image"] = picture
     kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": False} | control
+    kwargs |= _sampler(model, page, params)
     s = model.pipe_for(page.mode).validate(kwargs["prompt"], **{k: v for k, v in kwargs.items() if k != "prompt"})
     norm = {k: getattr(s, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "seed")}
     norm |= {k.name: getattr(s.config, k.name) for k in knobs()} | {"stride": s.stride}
@@ -205,6 +208,18 @@ def _prepare(model: Model, page: Page) -> Plan:
                       control_end=[float(page.control_end)], guess_mode=bool(page.guess_mode))
     plan.kwargs, plan.settings = kwargs | norm, s
     return plan
+
+
+def _sampler(model: Model, page: Page, params: dict) -> dict:
+    """The Sampler menu's choice → the call's sampler (on the app's --timestep-spacing), recorded as
+    the CLI's --scheduler/--sigmas; empty: the pipeline's own (the app's --scheduler, if any)."""
+    from ..schedulers import parse_sampler
+
+    if not page.sampler:
+        return {}
+    name, kind = parse_sampler(page.sampler)
+    params.update(scheduler=name, sigmas=kind)
+    return {"sampler": name, "sigmas": kind, "timestep_spacing": model.setup.get("timestep_spacing")}
 
 
 def _control(model: Model, page: Page, plan: Plan) -> dict:

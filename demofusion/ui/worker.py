@@ -74,6 +74,7 @@ class Run:
         from ..cli.control import control_hashes
         from ..cli.generate import run_id
         from ..outputs import RUN_FILE, write_json
+        from ..pipeline.steps import run_scheduler
 
         p, m = self.plan.params, self.model
         names = {"image": "input", "control_source": "control_source", "control_image": "control_map"}
@@ -84,9 +85,11 @@ class Run:
         if p.get("image"):
             p["image_sha256"] = hashlib.sha256(Path(p["image"]).read_bytes()).hexdigest()[:16]
         p["control_sha256"] = control_hashes(p)
-        p.update(model_hash=m.fingerprint, sampler=sampler_name(m.pipe.scheduler), version=__version__,
+        p.update(model_hash=m.fingerprint, version=__version__,
+                 sampler=sampler_name(run_scheduler(m.pipe.scheduler, self.plan.settings)),
                  controlnet_hash=m.controlnet_hash if p.get("controlnet") else None, vae_hash=None, lora_hash=None)
-        p.update(m.setup)  # the app's --vae, --lora, --scheduler … (part of the run id, as in the CLI)
+        chosen = ("scheduler", "sigmas") if self.plan.kwargs.get("sampler") else ()  # the page's Sampler menu
+        p.update({k: v for k, v in m.setup.items() if k not in chosen})  # the app's --vae, --lora, --scheduler …
         p["run_id"] = run_id(p)
         write_json(self.folder / RUN_FILE, p)
 
@@ -132,8 +135,10 @@ class Run:
             self.thread.join(timeout)
 
     def fraction(self, phase: int, step: int) -> float:
-        n = self.plan.settings.num_inference_steps
-        done = sum(self._evals[:phase - 1]) + self._evals[phase - 1] * (step + 1) / n if phase else 0
+        if not phase:
+            return 0.0
+        n, first = self.plan.settings.phase_steps(phase - 1)  # a phase may start late (upscale_strength)
+        done = sum(self._evals[:phase - 1]) + self._evals[phase - 1] * (step + 1 - first) / max(n - first, 1)
         return min(done / self._total, 1.0)
 
     def watch(self, interval: float = 0.25):
