@@ -22,15 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def upload(x: torch.Tensor, device) -> torch.Tensor:
-    """Host tensor ``x`` on ``device`` without stalling the host: on CUDA through pinned memory and
-    a ``non_blocking`` copy (the caching host allocator keeps the pinned block until the copy has
-    run, so ``x`` may be dropped at once); elsewhere, or when ``x`` is not on the host, ``x.to``."""
-    if torch.device(device).type != "cuda" or x.device.type != "cpu":
-        return x.to(device)
-    pinned = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)  # (fake tensors lack .pin_memory())
-    return pinned.to(device, non_blocking=True)
+from ..devices import upload  # noqa: F401 (re-exported: the pipeline uploads through it)
 
 
 @dataclass(frozen=True)

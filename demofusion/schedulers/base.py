@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from ..devices import upload
 from .config import check_choice, read_config, split_config
 from .schedule import BETA_SCHEDULES, SPACINGS, alphas_cumprod, make_betas, spaced_timesteps
 
@@ -113,7 +114,7 @@ class Scheduler:
         timesteps = self._set_schedule(torch.from_numpy(ts.copy()))
         self._lookup = timesteps.double()  # CPU copy for index lookup (no device sync per step)
         self.timesteps_cpu = timesteps
-        self.timesteps = timesteps.to(device)
+        self.timesteps = timesteps if device is None else upload(timesteps, device)  # no blocking copy
 
     def _spaced_timesteps(self, n: int):
         """The n spaced training timesteps (float64 numpy, descending) the schedule starts from."""
