@@ -1,7 +1,6 @@
 """Pipeline behaviour: ablation switches, determinism, batching, img2img, resume, errors
 (issue 6, acceptance 3–5)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -28,6 +27,12 @@ def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+def close(a, b, tol=1e-5):
+    """Equal up to GEMM rounding: the runs batch different views into their UNet calls (one path
+    alone vs both paths' views together), and a batch's rounding depends on its size and threads."""
+    return a.keys() == b.keys() and all(((a[k] - b[k]).abs().max() <= tol * a[k].abs().max()).item() for k in a)
+
+
 def test_switches_act_only_where_they_claim(pipe):
     full_out, full = run(pipe)
     # switches act in the upscaling phases only: phase 1 is bit-identical everywhere
@@ -39,12 +44,12 @@ def test_switches_act_only_where_they_claim(pipe):
     # dilated sampling off ⇒ exactly the local-only path (fuse swapped for "take z_local")
     local_only = Mechanisms(fuse=lambda zl, zg, c, a2: zl)
     _, a = run(pipe, dilated_sampling=False)
-    _, b = record_steps(dataclasses.replace(pipe) if False else _with(pipe, local_only), **KW)
-    assert same(a, b)
+    _, b = record_steps(_with(pipe, local_only), **KW)
+    assert close(a, b)
     # local paths off ⇒ exactly the global-only path
     _, a = run(pipe, local_paths=False)
     _, b = record_steps(_with(pipe, Mechanisms(fuse=lambda zl, zg, c, a2: zg)), **KW)
-    assert same(a, b)
+    assert close(a, b)
     # skip residual off ⇒ the skip-residual mechanism replaced by the identity
     _, a = run(pipe, skip_residual=False)
     _, b = record_steps(_with(pipe, Mechanisms(skip_residual=lambda z, zh, c, a1: z)), **KW)
