@@ -20,6 +20,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from .errors import first_line
 from .inspect_report import ComponentReport, Report, _meta  # the report types live below inspect_kinds
 from .inspect_kinds import USAGE, check_values, controlnet_report, file_tensors, lora_report, tiny_report
 from .weights import (
@@ -36,11 +37,6 @@ from .weights import (
 from .weights.kinds import kind_of_keys
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def _first_line(e: BaseException | str) -> str:
-    text = str(e)
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def read_header(path) -> dict[str, tuple[str, list[int]]]:
@@ -124,7 +120,7 @@ def _component(name: str, file: Path, header: dict, file_problems: list[str], pr
     try:
         config = read_config(folder)
     except WeightsError as e:
-        rep.problems += [_first_line(e), *file_problems]
+        rep.problems += [first_line(e), *file_problems]
         return rep  # the loader stops at an unreadable config.json: no key check against a guess
     rep.problems += file_problems
     try:
@@ -134,11 +130,11 @@ def _component(name: str, file: Path, header: dict, file_problems: list[str], pr
         rep.missing, rep.unexpected = fit.missing, fit.unexpected
         rep.mismatched = [f"{k}: file {f} vs model {m}" for k, f, m in fit.mismatched]
         if fit:
-            rep.problems.append(word_fit_problems(fit, COMPONENT_NAMES[name], file).splitlines()[0])
+            rep.problems.append(first_line(word_fit_problems(fit, COMPONENT_NAMES[name], file)))
     except WeightsError as e:
-        rep.problems.append(_first_line(e))
+        rep.problems.append(first_line(e))
     except Exception as e:  # a file too far from any known model: say so, keep the rest of the report
-        rep.note = f"key check not possible: {type(e).__name__}: {_first_line(e)}"
+        rep.note = f"key check not possible: {type(e).__name__}: {first_line(e)}"
     if not file_problems:
         check_values(rep, file_tensors(file, prefix))
     return rep

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
 from .inspect_report import ComponentReport, Report, _meta
 
 FP16_MAX = 65504.0  # the largest finite float16
@@ -79,7 +80,7 @@ def lora_report(path: Path, file: Path, header: dict, problems: list[str]):
             kind = f"LoRA ({lora.layout} layout): {len(lora)} targets ({', '.join(f'{c}: {n}' for c, n in counts.items())})"
             rep.values_checked = True  # read_lora refuses NaN/Inf
         except LoraError as e:
-            rep.problems.append(str(e).splitlines()[0])
+            rep.problems.append(first_line(e))
     return Report(str(path), "LoRA file", kind, [rep], usage=USAGE["lora"].format(path=path))
 
 
@@ -100,11 +101,11 @@ def controlnet_report(path: Path, file: Path, header: dict, problems: list[str])
         rep.missing, rep.unexpected = fit.missing, fit.unexpected
         rep.mismatched = [f"{k}: file {f} vs model {m}" for k, f, m in fit.mismatched]
         if fit:
-            rep.problems.append(word_fit_problems(fit, "ControlNet", file).splitlines()[0])
+            rep.problems.append(first_line(word_fit_problems(fit, "ControlNet", file)))
     except WeightsError as e:
-        rep.problems.append(str(e).splitlines()[0])
+        rep.problems.append(first_line(e))
     except Exception as e:  # too far from an SDXL ControlNet to build one: say so
-        rep.note = f"key check not possible: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        rep.note = f"key check not possible: {type(e).__name__}: {first_line(e)}"
     if not rep.problems:
         check_values(rep, file_tensors(file))
     return Report(str(path), "ControlNet", "SDXL ControlNet", [rep], usage=USAGE["controlnet"].format(path=path))

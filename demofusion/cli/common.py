@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError, reword
+from ..errors import InputError, first_line, reword
 from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
 
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
@@ -159,7 +159,7 @@ def load_pipeline(params: dict, compile_mode: str | None = None):
     except InputError as e:  # a ControlNet, VAE or LoRA that does not fit the model
         raise CLIError(_as_flag(str(e))) from None
     except (WeightsError, FileNotFoundError) as e:
-        msg = str(e).splitlines()[0]
+        msg = first_line(e)
         if "demofusion download" not in msg and "inspect" not in msg:
             msg += f" — check it with `demofusion inspect {model}`"
         raise CLIError(msg) from None
@@ -246,7 +246,7 @@ def warn_long_prompt(pipe, params: dict) -> None:
 
 
 def oom_message(e: Exception) -> str:
-    return (f"out of memory ({str(e).splitlines()[0][:120]}). Give the GPU's size as --max-memory (e.g. 8GB; "
+    return (f"out of memory ({first_line(e)[:120]}). Give the GPU's size as --max-memory (e.g. 8GB; "
             "--dry-run shows the plan), or --offload model, --fp8, or a smaller --height/--width")
 
 

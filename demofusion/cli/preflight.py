@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..errors import first_line
 from .args import OFFLOAD, SAMPLER_NAMES, SPACINGS
 from .common import FLAGS, CLIError, parse_loras
 
@@ -32,7 +33,7 @@ def check_files(params: dict) -> None:
             if str(net) != "tiny":
                 expect(net, "--controlnet")
     except WeightsError as e:
-        raise CLIError(str(e).splitlines()[0]) from None
+        raise CLIError(first_line(e)) from None
 
 
 def warn_settings(params: dict) -> None:

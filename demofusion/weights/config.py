@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .common import WeightsError, _is_int, _json_type, _one_line
+from ..errors import first_line
+from .common import WeightsError, _is_int, _json_type
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -20,9 +21,10 @@ def read_json(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({_one_line(e)}); fix it or re-download it") from None
+        raise WeightsError(f"{path}: not valid JSON ({first_line(e)}); fix it or re-download it") from None
     except OSError as e:
-        raise WeightsError(f"{path}: cannot be read ({_one_line(e)}); check its permissions or re-download it") from None
+        raise WeightsError(
+            f"{path}: cannot be read ({first_line(e)}); check its permissions or re-download it") from None
     if not isinstance(data, dict):
         raise WeightsError(
             f"{path}: holds a JSON {_json_type(data)}, not an object; fix it or re-download it")
@@ -97,7 +99,7 @@ def config_errors(config_file: str | os.PathLike | None, what: str) -> Iterator[
     except WeightsError:
         raise
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
-        why = f"missing field {e}" if isinstance(e, KeyError) else _one_line(e)
+        why = f"missing field {e}" if isinstance(e, KeyError) else first_line(e)
         raise WeightsError(
             f"{config_file}: does not describe a loadable {what} ({why}); fix it or re-download it"
         ) from None
