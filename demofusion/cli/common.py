@@ -305,7 +305,7 @@ def _with_controlnets(model, paths: list, dtype):
 
     from ..controlnet import ControlNetConfig
     from ..memory.fake import fake_controlnet
-    from ..memory.measure import weight_bytes
+    from ..tensors import weight_bytes
 
     cfgs = []
     for p in paths:

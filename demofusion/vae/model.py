@@ -8,12 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from torch._subclasses.fake_tensor import is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
-except ImportError:  # pragma: no cover - older torch
-    def is_fake(t) -> bool:
-        return False
-
+from ..tensors import DtypeDevice, is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
 from .config import VAEConfig
 
 OVERFLOW_POLICIES = ("upcast", "raise")
@@ -190,7 +185,7 @@ class DiagonalGaussian:
         return self.mean
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(DtypeDevice, nn.Module):
     """SDXL's VAE. ``encode(x in [-1,1]) -> DiagonalGaussian``; ``decode(z) -> image in [-1,1]``.
 
     Latents are *unscaled*: multiply by ``scaling_factor`` to get what the UNet sees.
@@ -230,13 +225,8 @@ class AutoencoderKL(nn.Module):
         """Pixels per latent (8)."""
         return self.config.scale_factor
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.conv_in.weight.device
+    def _reference_weight(self) -> torch.Tensor:  # .dtype / .device
+        return self.decoder.conv_in.weight
 
     # --- raw passes (no overflow handling) ---------------------------------------------------
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
