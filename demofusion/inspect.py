@@ -28,7 +28,6 @@ from .weights import (
     SINGLE_FILE_PREFIXES,
     WeightsError,
     build_meta,
-    config_errors,
     fit_problems,
     read_config,
     safetensors_header,
@@ -63,9 +62,9 @@ def _expected(component: str, file: Path, sd: dict, single: bool, config: dict |
     """
     what = COMPONENT_NAMES[component]
     if component == "unet":
-        from .unet import UNet, UNetConfig
+        from .unet import UNet
         from .unet.convert import convert_sgm_unet
-        from .unet.loading import infer_config
+        from .unet.loading import pick_config
 
         if single:
             try:
@@ -73,38 +72,23 @@ def _expected(component: str, file: Path, sd: dict, single: bool, config: dict |
             except ValueError as e:
                 raise WeightsError(f"{file}: {e}") from None
             config = None
-        if config is not None and "down_block_types" not in config:
-            config = None
-        if config is not None:
-            with config_errors(config_file, what):
-                cfg = UNetConfig.from_diffusers(config)
-        else:
-            cfg, config_file = infer_config(sd, kind), None
+        cfg, config_file = pick_config(sd, config, config_file, kind=kind)
         module = build_meta(lambda: UNet(cfg), what, config_file)
     elif component == "vae":
-        from .vae import AutoencoderKL, VAEConfig
-        from .vae.convert import from_diffusers, from_ldm, infer_config, is_ldm_layout
-        from .vae.loading import _is_vae_config
+        from .vae import AutoencoderKL
+        from .vae.convert import from_diffusers, from_ldm, is_ldm_layout
+        from .vae.loading import pick_config
 
         sd = from_ldm(sd) if is_ldm_layout(sd) else from_diffusers(sd)
-        if single or not _is_vae_config(config):
-            config = None
-        if config is not None:
-            with config_errors(config_file, what):
-                cfg = VAEConfig.from_diffusers(config)
-        else:
-            cfg, config_file = infer_config(sd), None
+        cfg, config_file = pick_config(sd, config, config_file, single)
         module = build_meta(lambda: AutoencoderKL(cfg), what, config_file)
     else:
-        from .text.clip import CLIPTextConfig, CLIPTextModel
-        from .text.convert import from_open_clip, from_transformers, infer_config, is_open_clip_layout
+        from .text.clip import CLIPTextModel
+        from .text.convert import from_open_clip, from_transformers, is_open_clip_layout
+        from .text.encoders import pick_config
 
         sd = from_open_clip(sd) if is_open_clip_layout(sd) else from_transformers(sd)
-        if config is not None and not single and config.get("model_type", "clip_text_model") == "clip_text_model":
-            with config_errors(config_file, what):
-                cfg = CLIPTextConfig.from_transformers(config, with_projection="text_projection.weight" in sd)
-        else:
-            cfg, config_file = infer_config(sd, 1 if component == "text_encoder" else 2), None
+        cfg, config_file = pick_config(sd, 1 if component == "text_encoder" else 2, config, config_file, single)
         module = build_meta(lambda: CLIPTextModel(cfg), what, config_file)
     return sd, {k: v.shape for k, v in module.state_dict().items()}
 

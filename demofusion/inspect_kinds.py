@@ -86,17 +86,16 @@ def lora_report(path: Path, file: Path, header: dict, problems: list[str]):
 
 def controlnet_report(path: Path, file: Path, header: dict, problems: list[str]):
     """An SDXL ControlNet: keys and shapes against the ControlNet its config (or shapes) describes."""
-    from .controlnet import ControlNet, ControlNetConfig
-    from .controlnet.loading import infer_controlnet_config
+    from .controlnet import ControlNet
+    from .controlnet.loading import pick_config
     from .weights import WeightsError, build_meta, fit_problems, read_config, word_fit_problems
 
     rep = ComponentReport("controlnet", str(file), sum(math.prod(v["shape"]) for v in header.values()),
                           dict(Counter(v["dtype"] for v in header.values())), problems=list(problems))
     try:
         sd, cfg_json = _meta(header), read_config(file.parent)
-        cfg = (ControlNetConfig.from_diffusers(cfg_json) if cfg_json and "down_block_types" in cfg_json
-               else infer_controlnet_config(sd))
-        want = {k: v.shape for k, v in build_meta(lambda: ControlNet(cfg), "ControlNet", None).state_dict().items()}
+        cfg, cfg_file = pick_config(sd, cfg_json, file.parent / "config.json")
+        want = {k: v.shape for k, v in build_meta(lambda: ControlNet(cfg), "ControlNet", cfg_file).state_dict().items()}
         fit = fit_problems(want, sd)
         rep.missing, rep.unexpected = fit.missing, fit.unexpected
         rep.mismatched = [f"{k}: file {f} vs model {m}" for k, f, m in fit.mismatched]
