@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from ..errors import first_line
+from ..presets import PRESETS
 from .args import OFFLOAD, SAMPLER_NAMES, SPACINGS
 from .common import FLAGS, CLIError, parse_loras
-
-PRESETS = ("tiny", "sdxl-base", "sdxl-turbo")
 
 
 def check_files(params: dict) -> None:
