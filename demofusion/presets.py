@@ -35,12 +35,7 @@ def tiny_controlnet(unet_config, seed: int = 1, device="cpu", dtype=torch.float3
     from .controlnet import ControlNet
 
     net = random_init_(ControlNet(tiny_controlnet_config(unet_config)), seed)
-    emb = net.controlnet_cond_embedding
-    random_init_(emb, seed + 1)
-    with torch.no_grad():
-        for p in emb.parameters():
-            if p.ndim >= 2:
-                p.mul_(2.0)
+    random_init_(net.controlnet_cond_embedding, seed + 1, scale=2.0)
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
