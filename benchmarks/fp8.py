@@ -19,6 +19,8 @@ import time
 import torch
 from torch import nn
 
+from shared import add_unet_flags, parse_unet_flags, unet_inputs
+
 from demofusion.fp8 import DEFAULT_SKIP, is_fp8, to_fp8_, weight_bytes
 from demofusion.presets import random_init_
 from demofusion.unet import UNet, UNetConfig
@@ -53,18 +55,11 @@ def quantise_(unet: UNet, scale) -> list:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--latent", default="32x32", help="latent HxW (8 px per latent)")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    add_unet_flags(ap)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    h, w = map(int, args.latent.lower().split("x"))
+    args, h, w = parse_unet_flags(ap)
     b = args.batch
-    g = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(b, 4, h, w, generator=g), torch.linspace(999, 1, b),
-              torch.randn(b, 77, 2048, generator=g), torch.randn(b, 1280, generator=g),
-              torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * b, dtype=torch.float32))
+    inputs = unet_inputs(b, h, w)
 
     rows, ref = [], None
 

@@ -7,23 +7,17 @@ per-call overhead (timestep lookup, scalar maths) matters more than the arithmet
 """
 
 import argparse
-import time
 import warnings
 
 import torch
+
+from shared import seconds_per_call
 
 import demofusion.schedulers as S
 
 
 def per_call_us(fn, calls, sync):
-    for _ in range(5):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / calls * 1e6
+    return seconds_per_call(fn, calls, sync, warmup=5) * 1e6
 
 
 def main():

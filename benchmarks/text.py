@@ -8,10 +8,11 @@ same numbers and the run needs ~3.3 GB (fp32) only once. ``--layers N`` shortens
 """
 
 import argparse
-import time
 import warnings
 
 import torch
+
+from shared import seconds_per_call
 
 from demofusion.text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from demofusion.text.convert import from_transformers
@@ -22,16 +23,6 @@ PROMPTS = [
     "Émoji 🤖!! café & naïve résumé, 3.14159, (((masterpiece))), trending on artstation",
     "word " * 90,
 ]
-
-
-def timed(fn, reps, sync):
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
 
 
 def bench_tokenizer(reps):
@@ -54,7 +45,7 @@ def bench_tokenizer(reps):
         ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
 
     n = len(prompts)
-    return {k: n / timed(f, reps, lambda: None) for k, f in (("ours", run_ours), ("transformers", run_ref))}
+    return {k: n / seconds_per_call(f, reps, lambda: None) for k, f in (("ours", run_ours), ("transformers", run_ref))}
 
 
 def bench_encoder(name, hf_cls, layers, device, dtype, batch, reps):
@@ -68,8 +59,8 @@ def bench_encoder(name, hf_cls, layers, device, dtype, batch, reps):
     ids = CLIPTokenizer.from_open_clip()(PROMPTS[:1] * batch).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
-        t_ours = timed(lambda: ours(ids), reps, sync)
-        t_ref = timed(lambda: ref(input_ids=ids, output_hidden_states=True), reps, sync)
+        t_ours = seconds_per_call(lambda: ours(ids), reps, sync)
+        t_ref = seconds_per_call(lambda: ref(input_ids=ids, output_hidden_states=True), reps, sync)
         err = (ours(ids).hidden_states[-2] - ref(input_ids=ids, output_hidden_states=True).hidden_states[-2]).abs().max()
     return t_ours, t_ref, float(err)
 

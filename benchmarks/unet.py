@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from shared import add_unet_flags, parse_unet_flags, unet_inputs
+
 from demofusion.unet import UNet, UNetConfig
 from demofusion.weights import build_and_load, parse_dtype
 
@@ -47,26 +49,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--latent", default="32x32", help="latent HxW (8 px per latent)")
-    ap.add_argument("--batch", type=int, default=2)
+    add_unet_flags(ap)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args, h, w = parse_unet_flags(ap)
     dtype, dev = parse_dtype(args.dtype), torch.device(args.device)
-    h, w = map(int, args.latent.lower().split("x"))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     ref = reference(dtype, dev)
     ours = build_and_load(lambda: UNet(UNetConfig.from_diffusers(SDXL)), ref.state_dict(), "UNet",
                           device=dev)
-    g = torch.Generator().manual_seed(1)
     b = args.batch
-    x = torch.randn(b, 4, h, w, generator=g).to(dev, dtype)
-    t = torch.linspace(999, 1, b).to(dev)
-    ctx = torch.randn(b, 77, 2048, generator=g).to(dev, dtype)
-    pooled = torch.randn(b, 1280, generator=g).to(dev, dtype)
-    ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * b, dtype=torch.float32, device=dev)
+    x, t, ctx, pooled, ids = unet_inputs(b, h, w, dev, dtype)
 
     runs = {
         "diffusers": lambda: ref(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample,

@@ -55,3 +55,12 @@ def reword(message: str, words: dict) -> str:
         if not _NAME.fullmatch(key) and word is not None:
             message = re.sub(rf"(?<![\w-]){re.escape(key)}(?![\w-])", lambda m, w=word: w, message)
     return message
+
+
+def first_line(e: BaseException | str) -> str:
+    """The first non-blank line of an error's message (or of a text), stripped; the exception's type
+    name when the message is blank. For quoting a caught error inside a one-line message of ours:
+    ``f"{path}: cannot be read ({first_line(e)}); re-download it"`` (a traceback-style or multi-line
+    message from a library would break the one line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else (type(e).__name__ if isinstance(e, BaseException) else "")

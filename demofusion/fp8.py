@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensors import weight_bytes  # noqa: F401  (part of this module's API: docs/fp8.md)
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DEFAULT_SKIP = ("conv_in", "conv_out")
 
@@ -112,10 +114,3 @@ def to_fp8_(module: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn, scale: 
 def is_fp8(module: nn.Module) -> bool:
     """True when any parameter or buffer of ``module`` is stored in an fp8 dtype."""
     return any(t.dtype in FP8_DTYPES for t in (*module.parameters(), *module.buffers()))
-
-
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``module`` (shared tensors counted once), scales
-    and unquantised layers included."""
-    seen = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import first_line
+
 REPOS = {"sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo",
          "controlnet-canny-sdxl": "diffusers/controlnet-canny-sdxl-1.0",  # ControlNets: config + one weights file
          "controlnet-canny-sdxl-mid": "diffusers/controlnet-canny-sdxl-1.0-mid",
@@ -70,7 +72,7 @@ def download(model: str, folder: str | Path = "weights", variant: str | None = N
 
         snapshot_download(REPOS[model], allow_patterns=patterns, local_dir=str(target))
     except Exception as e:  # offline, HTTP errors, disk full … all get the same plain advice
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+        reason = f"{type(e).__name__}: {first_line(e)}"
         raise DownloadError(f"could not download {REPOS[model]} ({reason}). Check the network "
                             f"(HF_HUB_OFFLINE must be unset), or {manual_instructions(model, target, variant)}") from e
     return target / patterns[0] if single_file else target

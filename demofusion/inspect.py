@@ -20,6 +20,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from .errors import first_line
 from .inspect_report import ComponentReport, Report, _meta  # the report types live below inspect_kinds
 from .inspect_kinds import USAGE, check_values, controlnet_report, file_tensors, lora_report, tiny_report
 from .weights import (
@@ -27,7 +28,6 @@ from .weights import (
     SINGLE_FILE_PREFIXES,
     WeightsError,
     build_meta,
-    config_errors,
     fit_problems,
     read_config,
     safetensors_header,
@@ -36,11 +36,6 @@ from .weights import (
 from .weights.kinds import kind_of_keys
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def _first_line(e: BaseException | str) -> str:
-    text = str(e)
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def read_header(path) -> dict[str, tuple[str, list[int]]]:
@@ -67,9 +62,9 @@ def _expected(component: str, file: Path, sd: dict, single: bool, config: dict |
     """
     what = COMPONENT_NAMES[component]
     if component == "unet":
-        from .unet import UNet, UNetConfig
+        from .unet import UNet
         from .unet.convert import convert_sgm_unet
-        from .unet.loading import infer_config
+        from .unet.loading import pick_config
 
         if single:
             try:
@@ -77,38 +72,23 @@ def _expected(component: str, file: Path, sd: dict, single: bool, config: dict |
             except ValueError as e:
                 raise WeightsError(f"{file}: {e}") from None
             config = None
-        if config is not None and "down_block_types" not in config:
-            config = None
-        if config is not None:
-            with config_errors(config_file, what):
-                cfg = UNetConfig.from_diffusers(config)
-        else:
-            cfg, config_file = infer_config(sd, kind), None
+        cfg, config_file = pick_config(sd, config, config_file, kind=kind)
         module = build_meta(lambda: UNet(cfg), what, config_file)
     elif component == "vae":
-        from .vae import AutoencoderKL, VAEConfig
-        from .vae.convert import from_diffusers, from_ldm, infer_config, is_ldm_layout
-        from .vae.loading import _is_vae_config
+        from .vae import AutoencoderKL
+        from .vae.convert import from_diffusers, from_ldm, is_ldm_layout
+        from .vae.loading import pick_config
 
         sd = from_ldm(sd) if is_ldm_layout(sd) else from_diffusers(sd)
-        if single or not _is_vae_config(config):
-            config = None
-        if config is not None:
-            with config_errors(config_file, what):
-                cfg = VAEConfig.from_diffusers(config)
-        else:
-            cfg, config_file = infer_config(sd), None
+        cfg, config_file = pick_config(sd, config, config_file, single)
         module = build_meta(lambda: AutoencoderKL(cfg), what, config_file)
     else:
-        from .text.clip import CLIPTextConfig, CLIPTextModel
-        from .text.convert import from_open_clip, from_transformers, infer_config, is_open_clip_layout
+        from .text.clip import CLIPTextModel
+        from .text.convert import from_open_clip, from_transformers, is_open_clip_layout
+        from .text.encoders import pick_config
 
         sd = from_open_clip(sd) if is_open_clip_layout(sd) else from_transformers(sd)
-        if config is not None and not single and config.get("model_type", "clip_text_model") == "clip_text_model":
-            with config_errors(config_file, what):
-                cfg = CLIPTextConfig.from_transformers(config, with_projection="text_projection.weight" in sd)
-        else:
-            cfg, config_file = infer_config(sd, 1 if component == "text_encoder" else 2), None
+        cfg, config_file = pick_config(sd, 1 if component == "text_encoder" else 2, config, config_file, single)
         module = build_meta(lambda: CLIPTextModel(cfg), what, config_file)
     return sd, {k: v.shape for k, v in module.state_dict().items()}
 
@@ -124,7 +104,7 @@ def _component(name: str, file: Path, header: dict, file_problems: list[str], pr
     try:
         config = read_config(folder)
     except WeightsError as e:
-        rep.problems += [_first_line(e), *file_problems]
+        rep.problems += [first_line(e), *file_problems]
         return rep  # the loader stops at an unreadable config.json: no key check against a guess
     rep.problems += file_problems
     try:
@@ -134,11 +114,11 @@ def _component(name: str, file: Path, header: dict, file_problems: list[str], pr
         rep.missing, rep.unexpected = fit.missing, fit.unexpected
         rep.mismatched = [f"{k}: file {f} vs model {m}" for k, f, m in fit.mismatched]
         if fit:
-            rep.problems.append(word_fit_problems(fit, COMPONENT_NAMES[name], file).splitlines()[0])
+            rep.problems.append(first_line(word_fit_problems(fit, COMPONENT_NAMES[name], file)))
     except WeightsError as e:
-        rep.problems.append(_first_line(e))
+        rep.problems.append(first_line(e))
     except Exception as e:  # a file too far from any known model: say so, keep the rest of the report
-        rep.note = f"key check not possible: {type(e).__name__}: {_first_line(e)}"
+        rep.note = f"key check not possible: {type(e).__name__}: {first_line(e)}"
     if not file_problems:
         check_values(rep, file_tensors(file, prefix))
     return rep

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
 from .inspect_report import ComponentReport, Report, _meta
 
 FP16_MAX = 65504.0  # the largest finite float16
@@ -79,32 +80,31 @@ def lora_report(path: Path, file: Path, header: dict, problems: list[str]):
             kind = f"LoRA ({lora.layout} layout): {len(lora)} targets ({', '.join(f'{c}: {n}' for c, n in counts.items())})"
             rep.values_checked = True  # read_lora refuses NaN/Inf
         except LoraError as e:
-            rep.problems.append(str(e).splitlines()[0])
+            rep.problems.append(first_line(e))
     return Report(str(path), "LoRA file", kind, [rep], usage=USAGE["lora"].format(path=path))
 
 
 def controlnet_report(path: Path, file: Path, header: dict, problems: list[str]):
     """An SDXL ControlNet: keys and shapes against the ControlNet its config (or shapes) describes."""
-    from .controlnet import ControlNet, ControlNetConfig
-    from .controlnet.loading import infer_controlnet_config
+    from .controlnet import ControlNet
+    from .controlnet.loading import pick_config
     from .weights import WeightsError, build_meta, fit_problems, read_config, word_fit_problems
 
     rep = ComponentReport("controlnet", str(file), sum(math.prod(v["shape"]) for v in header.values()),
                           dict(Counter(v["dtype"] for v in header.values())), problems=list(problems))
     try:
         sd, cfg_json = _meta(header), read_config(file.parent)
-        cfg = (ControlNetConfig.from_diffusers(cfg_json) if cfg_json and "down_block_types" in cfg_json
-               else infer_controlnet_config(sd))
-        want = {k: v.shape for k, v in build_meta(lambda: ControlNet(cfg), "ControlNet", None).state_dict().items()}
+        cfg, cfg_file = pick_config(sd, cfg_json, file.parent / "config.json")
+        want = {k: v.shape for k, v in build_meta(lambda: ControlNet(cfg), "ControlNet", cfg_file).state_dict().items()}
         fit = fit_problems(want, sd)
         rep.missing, rep.unexpected = fit.missing, fit.unexpected
         rep.mismatched = [f"{k}: file {f} vs model {m}" for k, f, m in fit.mismatched]
         if fit:
-            rep.problems.append(word_fit_problems(fit, "ControlNet", file).splitlines()[0])
+            rep.problems.append(first_line(word_fit_problems(fit, "ControlNet", file)))
     except WeightsError as e:
-        rep.problems.append(str(e).splitlines()[0])
+        rep.problems.append(first_line(e))
     except Exception as e:  # too far from an SDXL ControlNet to build one: say so
-        rep.note = f"key check not possible: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        rep.note = f"key check not possible: {type(e).__name__}: {first_line(e)}"
     if not rep.problems:
         check_values(rep, file_tensors(file))
     return Report(str(path), "ControlNet", "SDXL ControlNet", [rep], usage=USAGE["controlnet"].format(path=path))

@@ -29,7 +29,7 @@ from typing import Callable
 
 from . import __version__
 from .config import knob_names
-from .errors import InputError, NonFiniteError
+from .errors import InputError, NonFiniteError, first_line
 
 META_KEY = "demofusion"  # PNG text chunk holding the generation parameters as JSON
 A1111_KEY = "parameters"  # PNG text chunk in AUTOMATIC1111's format
@@ -107,9 +107,10 @@ def atomic_replace(writes: list, remove=()) -> None:
         _fsync_dir(folder)
 
 
-def _first_line(e: BaseException) -> str:
-    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:160]
+def _reason(e: BaseException) -> str:
+    # an OSError's reason without its errno and path (the message around it names the path); cut at
+    # 160 characters: a library's message (PIL, json, safetensors) may quote its whole input
+    return first_line(getattr(e, "strerror", None) or e)[:160]
 
 
 # ---- JSON ---------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def load_latents(path):
             metadata = dict(f.metadata() or {})
             latents = f.get_tensor("latents")
     except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise InputError(f"{path} is not a readable latents file ({_first_line(e)}); "
+        raise InputError(f"{path} is not a readable latents file ({_reason(e)}); "
                          "delete it or start a new run") from None
     if latents.is_floating_point() and not torch.isfinite(latents).all():
         raise InputError(f"{path} holds NaN/Inf latents; delete it or start a new run")
@@ -257,7 +258,7 @@ def read_png_params(path, option: str = "--from-image") -> dict:
             fmt = im.format
             text = im.text.get(META_KEY) if fmt == "PNG" else None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError… for damaged files
-        raise InputError(f"{where}: not a readable image ({_first_line(e)})") from None
+        raise InputError(f"{where}: not a readable image ({_reason(e)})") from None
     if fmt != "PNG":
         raise InputError(f"{where}: is a {fmt} image, not a PNG written by `demofusion generate`")
     if text is None:
@@ -265,7 +266,7 @@ def read_png_params(path, option: str = "--from-image") -> dict:
     try:
         params = json.loads(text)
     except ValueError as e:
-        raise InputError(f"{where}: its demofusion metadata is not valid JSON ({_first_line(e)})") from None
+        raise InputError(f"{where}: its demofusion metadata is not valid JSON ({_reason(e)})") from None
     if not isinstance(params, dict) or _nonfinite_at(params):
         raise InputError(f"{where}: its demofusion metadata is not a JSON object of finite values")
     return params
@@ -286,7 +287,7 @@ def new_run_folder(root="out", seed=None, now: datetime | None = None) -> Path:
             except FileExistsError:
                 continue
     except OSError as e:
-        raise InputError(f"cannot create a run folder under {root} ({_first_line(e)}); "
+        raise InputError(f"cannot create a run folder under {root} ({_reason(e)}); "
                          "give another --out") from None
 
 
@@ -319,4 +320,4 @@ def check_output_folder(out, overwrite: bool, option: str = "--out", create: boo
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out, prefix=".write-probe-").close()  # can we create files there?
     except OSError as e:
-        raise InputError(f"{option} {out}: {problem} ({_first_line(e)}); give another {option}") from None
+        raise InputError(f"{option} {out}: {problem} ({_reason(e)}); give another {option}") from None

@@ -24,12 +24,10 @@ import contextlib
 import torch
 from torch import nn
 
+from .tensors import is_fake, weight_bytes
+
 POLICIES = ("none", "model", "sequential")
 UNIT_FRACTION = 32  # sequential: stream units of at most 1/32 of the module's bytes
-
-
-def _nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _own(module: nn.Module) -> bool:
@@ -41,10 +39,10 @@ def stream_units(module: nn.Module, limit: int | None = None) -> list[nn.Module]
     """The modules whose weights stream one at a time: ``module`` split into children until each
     holds at most ``limit`` bytes (default 1/32 of it) or holds tensors itself. Containers
     (ModuleList/ModuleDict: no forward of their own) are always split."""
-    limit = limit if limit is not None else max(_nbytes(module) // UNIT_FRACTION, 1)
+    limit = limit if limit is not None else max(weight_bytes(module) // UNIT_FRACTION, 1)
     if _own(module) or not any(True for _ in module.children()) or \
-            (_nbytes(module) <= limit and not isinstance(module, (nn.ModuleList, nn.ModuleDict))):
-        return [module] if _nbytes(module) else []
+            (weight_bytes(module) <= limit and not isinstance(module, (nn.ModuleList, nn.ModuleDict))):
+        return [module] if weight_bytes(module) else []
     return [u for child in module.children() for u in stream_units(child, limit)]
 
 
@@ -68,8 +66,6 @@ class Placement:
                             yield m, table, name, t
 
     def _pinned(self, t: torch.Tensor) -> torch.Tensor:
-        from torch._subclasses.fake_tensor import is_fake
-
         if self.device.type == "cuda" and not is_fake(t) and torch.cuda.is_available():
             return t.pin_memory()
         return t

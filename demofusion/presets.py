@@ -20,19 +20,22 @@ def tiny_components(seed: int = 0, device="cpu", dtype=torch.float32):
     return random_components("tiny", seed, device, dtype)
 
 
+def tiny_controlnet_config(unet_config):
+    """The ``tiny`` ControlNet's config for a UNet of ``unet_config``: a small conditioning
+    embedding (16, 32, 32, 32) instead of SDXL's (16, 32, 96, 256)."""
+    from .controlnet import ControlNetConfig
+
+    return ControlNetConfig(unet_config, 3, (16, 32, 32, 32))
+
+
 def tiny_controlnet(unet_config, seed: int = 1, device="cpu", dtype=torch.float32):
     """A ControlNet that fits a UNet of ``unet_config``, every weight seeded random — its zero
     projections too, so it acts — and a small conditioning embedding (16, 32, 32, 32) drawn at
     2/√fan_in so the control map shows. Untrained: for demos and tests, like ``tiny``."""
-    from .controlnet import ControlNet, ControlNetConfig
+    from .controlnet import ControlNet
 
-    net = random_init_(ControlNet(ControlNetConfig(unet_config, 3, (16, 32, 32, 32))), seed)
-    emb = net.controlnet_cond_embedding
-    random_init_(emb, seed + 1)
-    with torch.no_grad():
-        for p in emb.parameters():
-            if p.ndim >= 2:
-                p.mul_(2.0)
+    net = random_init_(ControlNet(tiny_controlnet_config(unet_config)), seed)
+    random_init_(net.controlnet_cond_embedding, seed + 1, scale=2.0)
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -42,6 +45,17 @@ _KINDS = {
     "sdxl-base": ("sdxl-base", "sdxl", "sdxl"),
     "sdxl-turbo": ("sdxl-turbo", "sdxl", "sdxl"),
 }
+PRESETS = tuple(_KINDS)  # the names --model takes without a path
+
+
+def base_size(kind: str) -> int:
+    """The native size in px of preset ``kind`` (its UNet's sample size × the VAE's scale factor):
+    256 for ``tiny``, 1024 for ``sdxl-base``, 512 for ``sdxl-turbo``."""
+    from .unet import UNetConfig
+    from .vae import VAEConfig
+
+    unet_name, vae_name, _ = _KINDS[kind]
+    return UNetConfig.preset(unet_name).sample_size * VAEConfig.preset(vae_name).scale_factor
 
 
 def random_components(kind: str = "tiny", seed: int = 0, device="cpu", dtype=torch.float32):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import InputError, NonFiniteError
+from ..errors import InputError, NonFiniteError, first_line
 from ..outputs import META_KEY, RUN_FILE, read_png_params, save_png
 from . import ranks, streams
 from .ablate import cmd_ablate, contact_sheet
@@ -68,11 +68,6 @@ COMMANDS = {"generate": cmd_generate, "upscale": cmd_upscale, "ablate": cmd_abla
             "inspect": cmd_inspect, "ui": cmd_ui, "evaluate": cmd_evaluate}
 
 
-def _line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """The `demofusion` command; a closed stdout (`| head -1`) ends it quietly with exit 141."""
     streams.ascii_fallback()  # × → x where the terminal's encoding lacks it
@@ -93,9 +88,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         return COMMANDS[args.command](args)
     except InputError as e:  # CLIError, WeightsError and every validation error
-        return ranks.fail(2, f"error: {_line(e)}")
+        return ranks.fail(2, f"error: {first_line(e)}")
     except NonFiniteError as e:
-        return ranks.fail(1, f"error: {_line(e)}")
+        return ranks.fail(1, f"error: {first_line(e)}")
     except BrokenPipeError:  # stdout closed by its reader: not an error of the run (main)
         raise
     except KeyboardInterrupt:
@@ -103,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:  # a bug of ours: one line, the traceback on request
         if debug:
             raise
-        return ranks.fail(1, f"error: internal error ({type(e).__name__}: {_line(e)}); run again with --debug for the "
-                          "traceback and please report it")
+        return ranks.fail(1, f"error: internal error ({type(e).__name__}: {first_line(e)}); run again with --debug "
+                          "for the traceback and please report it")
     finally:
         ranks.leave()  # under torchrun: leave the process group

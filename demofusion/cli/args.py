@@ -27,11 +27,11 @@ MODEL_DEFAULTS = {"scheduler": None, "timestep_spacing": None, "vae": None, "lor
 MODEL_KEYS = list(MODEL_DEFAULTS)
 from ..schedulers.names import SAMPLER_NAMES, SIGMAS  # noqa: E402  (the sampler name table, issue 24)
 from ..run_presets import PRESET_NAMES  # noqa: E402
-SPACINGS = ("leading", "trailing", "linspace")
+from ..schedulers.schedule import SPACINGS  # noqa: E402
 DEFAULTS.update(MODEL_DEFAULTS)
 # where a run's weights and batches go: recorded, free to change on resume (like --device)
 PLACEMENT_KEYS = ["max_memory", "offload", "view_ranks"]
-OFFLOAD = ("none", "model", "sequential")
+from ..placement import POLICIES as OFFLOAD  # noqa: E402
 # the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
 RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
             *knob_names()]  # every DemoFusionConfig field

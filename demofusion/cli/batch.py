@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from ..errors import first_line
 from ..outputs import check_output_folder, read_png_params, save_png, write_json
 from . import ranks
 from .args import PLACEMENT_KEYS, RUN_KEYS
@@ -31,7 +32,7 @@ def read_prompts(path) -> list[tuple[int, str]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise CLIError(f"--prompts {path}: cannot read it ({str(e).splitlines()[0]})") from None
+        raise CLIError(f"--prompts {path}: cannot read it ({first_line(e)})") from None
     prompts = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1)
                if ln.strip() and not ln.strip().startswith("#")]
     if not prompts:

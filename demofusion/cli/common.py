@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError, reword
+from ..errors import InputError, first_line, reword
+from ..presets import PRESETS, base_size, tiny_controlnet_config
 from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
 
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
@@ -71,11 +72,11 @@ def base_size_of(model: str, planning: bool = False) -> int:
     """The model's base size in px, read cheaply (preset, unet/config.json, or the file name).
     ``planning`` (a dry run): the SDXL presets need no weights."""
     if model == "tiny":
-        return 256
+        return base_size("tiny")
     path = Path(model).expanduser()
-    if planning and model in ("sdxl-base", "sdxl-turbo") and not path.exists():
-        return 512 if model == "sdxl-turbo" else 1024
-    if model in ("sdxl-base", "sdxl-turbo") and not path.exists():
+    if planning and model in PRESETS and not path.exists():
+        return base_size(model)
+    if model in PRESETS and not path.exists():
         raise CLIError(f"'{model}' needs its weights: run `demofusion download {model} --dir weights/` and pass "
                        f"--model weights/{model} (only 'tiny' is built without downloads)")
     if not path.exists():
@@ -87,7 +88,7 @@ def base_size_of(model: str, planning: bool = False) -> int:
                 return int(json.loads(cfg.read_text())["sample_size"]) * 8
             except (ValueError, KeyError, TypeError):
                 raise CLIError(f"{cfg}: not a valid UNet config.json (no integer sample_size); re-download it") from None
-    return 512 if "turbo" in path.name.lower() else 1024
+    return base_size("sdxl-turbo" if "turbo" in path.name.lower() else "sdxl-base")
 
 
 def run_settings(params: dict, base: int, stop_after: int | None = None, **extra):
@@ -190,7 +191,7 @@ def load_pipeline(params: dict, compile_mode: str | None = None):
     except InputError as e:  # a ControlNet, VAE or LoRA that does not fit the model
         raise CLIError(_as_flag(str(e))) from None
     except (WeightsError, FileNotFoundError) as e:
-        msg = str(e).splitlines()[0]
+        msg = first_line(e)
         if "demofusion download" not in msg and "inspect" not in msg:
             msg += f" — check it with `demofusion inspect {model}`"
         raise CLIError(msg) from None
@@ -277,7 +278,7 @@ def warn_long_prompt(pipe, params: dict) -> None:
 
 
 def oom_message(e: Exception) -> str:
-    return (f"out of memory ({str(e).splitlines()[0][:120]}). Give the GPU's size as --max-memory (e.g. 8GB; "
+    return (f"out of memory ({first_line(e)[:120]}). Give the GPU's size as --max-memory (e.g. 8GB; "
             "--dry-run shows the plan), or --offload model, --fp8, or a smaller --height/--width")
 
 
@@ -336,13 +337,13 @@ def _with_controlnets(model, paths: list, dtype):
 
     from ..controlnet import ControlNetConfig
     from ..memory.fake import fake_controlnet
-    from ..memory.measure import weight_bytes
+    from ..tensors import weight_bytes
 
     cfgs = []
     for p in paths:
         cfg_file = Path(p) / "config.json"
         if p == "tiny":
-            cfgs.append(ControlNetConfig(model.unet_config, 3, (16, 32, 32, 32)))
+            cfgs.append(tiny_controlnet_config(model.unet_config))
         elif cfg_file.is_file():
             cfgs.append(ControlNetConfig.from_diffusers(json.loads(cfg_file.read_text())))
         else:

@@ -8,10 +8,10 @@ import math
 import sys
 from pathlib import Path
 
+from ..errors import first_line
+from ..presets import PRESETS
 from .args import OFFLOAD, PRESET_NAMES, SAMPLER_NAMES, SIGMAS, SPACINGS
 from .common import FLAGS, CLIError, parse_loras
-
-PRESETS = ("tiny", "sdxl-base", "sdxl-turbo")
 
 
 def check_files(params: dict) -> None:
@@ -32,7 +32,7 @@ def check_files(params: dict) -> None:
             if str(net) != "tiny":
                 expect(net, "--controlnet")
     except WeightsError as e:
-        raise CLIError(str(e).splitlines()[0]) from None
+        raise CLIError(first_line(e)) from None
 
 
 def warn_settings(params: dict) -> None:

@@ -19,11 +19,7 @@ import torch.nn.functional as F
 
 from ..config import check_bool, check_float
 from ..errors import InputError
-
-try:
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-except ImportError:  # pragma: no cover - very old torch
-    from contextlib import nullcontext as unset_fake_temporarily
+from ..tensors import unset_fake_temporarily
 
 
 @dataclass(frozen=True)

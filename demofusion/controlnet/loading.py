@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ..unet.loading import infer_config
-from ..weights import WeightsError, build_and_load, config_errors, read_tensors, resolve_component
+from ..weights import WeightsError, build_and_load, component_config, read_tensors, resolve_component
 from .model import ControlNet, ControlNetConfig
 
 
@@ -22,6 +22,16 @@ def infer_controlnet_config(tensors, kind: str = "sdxl-base") -> ControlNetConfi
     return ControlNetConfig(infer_config(tensors, kind), emb[0][1], tuple([emb[0][0]] + [s[0] for s in emb[1:]]))
 
 
+def pick_config(tensors, cfg_json: dict | None, cfg_file, config=None, kind: str = "sdxl-base"):
+    """(ControlNetConfig, the config.json it came from or None) as :func:`load_controlnet` picks it
+    (also ``demofusion inspect``): ``config``, else a ControlNet's ``cfg_json``, else the tensors'
+    shapes (plus ``kind``)."""
+    if cfg_json is not None and "down_block_types" not in cfg_json:
+        cfg_json = None  # not a ControlNet's config.json
+    return component_config(ControlNetConfig, config, cfg_json, cfg_file, "ControlNet",
+                            lambda: infer_controlnet_config(tensors, kind))
+
+
 def load_controlnet(path: str | os.PathLike, dtype=None, device="cpu", config=None, variant: str | None = None,
                     kind: str = "sdxl-base") -> ControlNet:
     """Load an SDXL ControlNet. The config comes from ``config`` (a ControlNetConfig or diffusers
@@ -29,16 +39,6 @@ def load_controlnet(path: str | os.PathLike, dtype=None, device="cpu", config=No
     key and shape is checked as for the UNet. ``dtype`` defaults to the file's."""
     file, cfg_json = resolve_component(path, "controlnet", ["diffusion_pytorch_model"], variant=variant)
     tensors = read_tensors(file)
-    cfg_file = None
-    if isinstance(config, ControlNetConfig):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = ControlNetConfig.from_diffusers(config)
-    elif cfg_json is not None and "down_block_types" in cfg_json:
-        cfg_file = file.parent / "config.json"
-        with config_errors(cfg_file, "ControlNet"):
-            cfg = ControlNetConfig.from_diffusers(cfg_json)
-    else:
-        cfg = infer_controlnet_config(tensors, kind)
+    cfg, cfg_file = pick_config(tensors, cfg_json, file.parent / "config.json", config, kind)
     return build_and_load(lambda: ControlNet(cfg), tensors, "ControlNet", dtype=dtype, device=device, file=file,
                           config_file=cfg_file)

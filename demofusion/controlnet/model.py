@@ -35,7 +35,7 @@ class ControlNetConfig:
         unet = UNetConfig.from_diffusers({**cfg, "up_block_types": [d.replace("Down", "Up") for d in reversed(down)],
                                           "mid_block_type": cfg.get("mid_block_type") or "UNetMidBlock2DCrossAttn"})
         return cls(unet, int(cfg.get("conditioning_channels", 3)),
-                   tuple(cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)))
+                   tuple(cfg.get("conditioning_embedding_out_channels") or cls.conditioning_embedding_out_channels))
 
     def to_diffusers(self) -> dict:
         """The equivalent diffusers ``ControlNetModel`` config (for tests and saving)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .inception import INSTALL_HINT
 
 _CACHE: dict = {}
@@ -55,7 +55,7 @@ def _load(source: str):
     try:
         return Embeddings(CLIPModel.from_pretrained(source).eval()), CLIPProcessor.from_pretrained(source)
     except OSError as e:  # offline, or an incomplete folder
-        raise InputError(f"--clip-model {source}: cannot load it ({str(e).splitlines()[0][:160]})") from None
+        raise InputError(f"--clip-model {source}: cannot load it ({first_line(e)[:160]})") from None
 
 
 def clip_metric(model: str, device="cpu"):

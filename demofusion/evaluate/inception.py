@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 INSTALL_HINT = "pip install 'demofusion[eval]' (torch-fidelity, torchmetrics, scipy, matplotlib)"
 BACKENDS = ("torch-fidelity", "torchmetrics", "clean-fid")
@@ -44,7 +44,7 @@ def check_weights(path) -> Path:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code, a truncated or foreign file
-        raise InputError(f"--inception-weights {p}: not a plain PyTorch state dict ({str(e).splitlines()[0][:120]})") from None
+        raise InputError(f"--inception-weights {p}: not a plain PyTorch state dict ({first_line(e)[:120]})") from None
     if not isinstance(sd, dict) or "fc.weight" not in sd or "Conv2d_1a_3x3.conv.weight" not in sd:
         raise InputError(f"--inception-weights {p}: not the FID Inception layout (no Conv2d_1a_3x3 / fc tensors)")
     return p
@@ -76,7 +76,7 @@ def feature_net(backend: str, weights, device="cpu", features=tuple(FEATURES)):
                       else str(path), **kwargs)
         except RuntimeError as e:  # load_state_dict: missing / unexpected / mis-shaped tensors
             raise InputError(f"--inception-weights {path}: does not fit the FID Inception "
-                             f"({str(e).splitlines()[0][:160]})") from None
+                             f"({first_line(e)[:160]})") from None
         except OSError as e:  # no --inception-weights and no network: the library's download failed
             raise InputError("no Inception weights: the download failed offline; pass --inception-weights FILE "
                              f"(torch-fidelity's weights-inception-2015-12-05-6726825d.pth) [{type(e).__name__}]") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..outputs import META_KEY
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")  # torch-fidelity's default samples_find_ext
@@ -39,7 +39,7 @@ def read_rgb(path) -> torch.Tensor:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a picture Pillow can read ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a picture Pillow can read ({first_line(e)})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -98,7 +98,7 @@ def read_prompts_file(path) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise InputError(f"--prompts {path}: cannot read it ({str(e).splitlines()[0]})") from None
+        raise InputError(f"--prompts {path}: cannot read it ({first_line(e)})") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 

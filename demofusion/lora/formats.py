@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from demofusion.errors import InputError
+from demofusion.errors import InputError, first_line
 from demofusion.weights import PICKLE_SUFFIXES, WeightsError, read_tensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -105,10 +105,6 @@ def listing(keys) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def sd15_error(source: str, why: str) -> LoraError:
     return LoraError(f"{source}: this is an SD 1.5/2.x LoRA ({why}); this pipeline runs SDXL, "
                      "so SDXL LoRAs are needed: use the SDXL version of this LoRA")
@@ -130,7 +126,7 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoRA:
     try:
         tensors = read_tensors(p, allow_pickle=allow_pickle)
     except WeightsError as e:
-        raise LoraError(_one_line(e)) from None
+        raise LoraError(first_line(e)) from None
     metadata = _metadata(p) if p.suffix not in PICKLE_SUFFIXES else {}
     return parse_lora(tensors, metadata, source=str(p), name=p.stem)
 

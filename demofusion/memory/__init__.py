@@ -14,8 +14,9 @@ Entry points: :func:`measure`, :func:`unet_call_peak`, :func:`vae_decode_tile_pe
 :func:`vae_encode_tile_peak`, :func:`text_encode_peak`, :func:`stage_table`.
 """
 
+from ..tensors import weight_bytes
 from .fake import (StagePeak, fake_text, fake_unet, fake_vae, text_encode_peak, unet_call_peak,
                    vae_decode_tile_peak, vae_encode_tile_peak)
 from .measure import (CUDA_CONTEXT, FRAGMENTATION, WORKSPACES, GiB, MiB, SDPARouter, Tracker, fake_input, fake_mode,
-                      measure, on_fake_cuda, reserve, track, weight_bytes)
+                      measure, on_fake_cuda, reserve, track)
 from .stages import LATENT_COPIES, VIEW_COPIES, Stage, decode_peak, peak, stage_table, unet_calls, view_paths

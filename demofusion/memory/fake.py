@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .measure import fake_input, fake_mode, on_fake_cuda, track, weight_bytes
+from ..tensors import weight_bytes
+from .measure import fake_input, fake_mode, on_fake_cuda, track
 
 
 def _key(config) -> object:

@@ -15,6 +15,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..tensors import tensors_of
+
 GiB, MiB = 2**30, 2**20
 
 # ---- what the tracker cannot see: ASSUMPTIONS, not yet measured on a GPU ------------------------
@@ -103,19 +105,6 @@ def fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def _resident(objs) -> list[torch.Tensor]:
-    """Tensors in ``objs``: tensors, modules' parameters and buffers, lists/tuples of them."""
-    out = []
-    for o in objs:
-        if isinstance(o, torch.nn.Module):
-            out += [*o.parameters(), *o.buffers()]
-        elif isinstance(o, (list, tuple)):
-            out += _resident(o)
-        elif isinstance(o, torch.Tensor):
-            out.append(o)
-    return out
-
-
 class _Enough(Exception):
     """Ends a tiled run after its first batch of tiles (:class:`_FirstBatch`)."""
 
@@ -125,7 +114,7 @@ def track(fn, *args, resident=(), flash: bool = True) -> tuple[object, Tracker]:
     ``args``, in ``resident`` and the module ``fn`` is bound to are alive from the start (the
     baseline). ``flash``: route attention as CUDA does (False: the math path)."""
     tr, result, owner = Tracker(), None, getattr(fn, "__self__", None)
-    for t in _resident([*args, *resident, *([owner] if isinstance(owner, torch.nn.Module) else [])]):
+    for t in tensors_of([*args, *resident, *([owner] if isinstance(owner, torch.nn.Module) else [])]):
         tr.add(t)
     with fake_mode(), torch.no_grad(), tr, (SDPARouter() if flash else contextlib.nullcontext()), \
             contextlib.suppress(_Enough):
@@ -153,9 +142,3 @@ def on_fake_cuda(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 def fake_input(*shape, dtype=torch.float16) -> torch.Tensor:
     with fake_mode():
         return torch.empty(shape, dtype=dtype, device="cuda")
-
-
-def weight_bytes(*modules) -> int:
-    return sum(t.untyped_storage().nbytes() for t in _resident(modules))
-
-

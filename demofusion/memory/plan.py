@@ -23,8 +23,9 @@ import torch
 from ..config import UNITS, parse_budget  # noqa: F401  (re-exported: parse_budget lives in config)
 from ..errors import InputError
 from ..placement import POLICIES
+from ..tensors import weight_bytes
 from .fake import _once, controlnet_call_peak, fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
-from .measure import GiB, weight_bytes
+from .measure import GiB
 from .stages import Stage, _latent_bytes, decode_peak, lone_halves, unet_calls
 
 DEFAULT_VIEW_BATCH = 16

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from .fake import fake_text, fake_unet, fake_vae, text_encode_peak, unet_call_peak
-from .measure import _Enough, fake_input, measure, reserve, track, weight_bytes
+from ..tensors import weight_bytes
+from .measure import _Enough, fake_input, measure, reserve, track
 
 # Latent working set of an upscaling step besides the UNet call (fp32, counted, not measured):
 # ~8 latents (z, z_up, ε_k, ẑ_t, padded/blurred copies, the merged predictions, the noise canvas)

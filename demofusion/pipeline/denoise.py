@@ -13,12 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import parallel
-
-
-try:
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-except ImportError:  # pragma: no cover - very old torch
-    from contextlib import nullcontext as unset_fake_temporarily
+from ..tensors import unset_fake_temporarily
 
 
 def phase_generators(seed: int, phases: int) -> list[torch.Generator]:

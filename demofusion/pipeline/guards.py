@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from torch._subclasses.fake_tensor import is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
-except ImportError:  # pragma: no cover - older torch
-    def is_fake(t) -> bool:
-        return False
-
 from ..errors import NonFiniteError
+from ..tensors import is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
 
 _NEVER = 2**31 - 1
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tensors import DtypeDevice
+
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -152,7 +154,7 @@ class CLIPTextOutput(NamedTuple):
     hidden_states: tuple  # (embeddings, layer 1, …, layer L) — before final_layer_norm
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(DtypeDevice, nn.Module):
     """Token ids ``[B, N]`` → :class:`CLIPTextOutput` (hidden states of every layer, pooled)."""
 
     def __init__(self, config: CLIPTextConfig):
@@ -164,13 +166,8 @@ class CLIPTextModel(nn.Module):
         if config.projection_dim:
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.final_layer_norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.final_layer_norm.weight.device
+    def _reference_weight(self) -> torch.Tensor:  # .dtype / .device
+        return self.final_layer_norm.weight
 
     def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
         if input_ids.shape[-1] > self.config.max_position_embeddings:

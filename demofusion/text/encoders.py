@@ -13,16 +13,8 @@ from typing import Sequence
 import torch
 
 from demofusion.weights import (
-    COMPONENT_NAMES,
-    SINGLE_FILE_PREFIXES,
-    WeightsError,
-    build_and_load,
-    config_errors,
-    is_single_file,
-    read_json,
-    read_keys,
-    read_tensors,
-    resolve_component,
+    COMPONENT_NAMES, SINGLE_FILE_PREFIXES, WeightsError, build_and_load, component_config, is_single_file, read_json,
+    read_keys, read_tensors, resolve_component,
 )
 from demofusion.weights.seeded import random_init_
 
@@ -58,6 +50,18 @@ def _read_state_dict(file: Path, encoder: int, allow_pickle: bool) -> tuple[dict
     return (from_open_clip(sd) if is_open_clip_layout(sd) else from_transformers(sd)), single
 
 
+def pick_config(sd: dict, encoder: int, cfg_json: dict | None, cfg_file, single: bool, config=None):
+    """(CLIPTextConfig, the config.json it came from or None) as :func:`load_text_encoder` picks it
+    (also ``demofusion inspect``): ``config``, else a CLIP text model's ``cfg_json`` beside a
+    component file, else the shapes of ``sd`` (our names)."""
+    if single or cfg_json is None or cfg_json.get("model_type", "clip_text_model") != "clip_text_model":
+        cfg_json = None  # a config.json beside a whole-model file, or of another model, describes something else
+    return component_config(
+        CLIPTextConfig, config, cfg_json, cfg_file, COMPONENT_NAMES[SUBFOLDERS[encoder]],
+        lambda: infer_config(sd, encoder),
+        read=lambda d: CLIPTextConfig.from_transformers(d, with_projection="text_projection.weight" in sd))
+
+
 def load_text_encoder(
     path,
     encoder: int = 1,
@@ -65,7 +69,7 @@ def load_text_encoder(
     device="cpu",
     variant: str | None = None,
     allow_pickle: bool = False,
-    config: CLIPTextConfig | str | None = None,
+    config: CLIPTextConfig | str | dict | None = None,
 ) -> CLIPTextModel:
     """One of SDXL's text encoders (``encoder`` 1: CLIP ViT-L, 2: OpenCLIP bigG).
 
@@ -76,18 +80,9 @@ def load_text_encoder(
         raise ValueError(f"encoder must be 1 or 2, not {encoder!r}")
     file, cfg_json = resolve_component(path, SUBFOLDERS[encoder], ["model"], variant, allow_pickle)
     sd, single = _read_state_dict(file, encoder, allow_pickle)
-    if isinstance(config, str):
-        config = CLIPTextConfig.preset(config)
-    what, cfg_file = COMPONENT_NAMES[SUBFOLDERS[encoder]], None
-    if config is None:
-        if cfg_json is not None and not single and cfg_json.get("model_type", "clip_text_model") == "clip_text_model":
-            cfg_file = file.parent / "config.json"
-            with config_errors(cfg_file, what):
-                config = CLIPTextConfig.from_transformers(cfg_json, with_projection="text_projection.weight" in sd)
-        else:
-            config = infer_config(sd, encoder)
-    return build_and_load(lambda: CLIPTextModel(config), sd, what, dtype=dtype, device=device,
-                          file=file, config_file=cfg_file)
+    config, cfg_file = pick_config(sd, encoder, cfg_json, file.parent / "config.json", single, config)
+    return build_and_load(lambda: CLIPTextModel(config), sd, COMPONENT_NAMES[SUBFOLDERS[encoder]], dtype=dtype,
+                          device=device, file=file, config_file=cfg_file)
 
 
 def _force_zeros(path) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from ..cli.args import DEFAULTS  # noqa: E402
-from ..errors import InputError  # noqa: E402
+from ..errors import InputError, first_line  # noqa: E402
 from . import runner, worker  # noqa: E402
 from ..config import knobs  # noqa: E402
 from .knobs import HELP, LABELS, control_spec, markdown_text, sampler_choices  # noqa: E402
@@ -240,9 +240,9 @@ def _generate(model, sessions, out, page, history, session, c):
         return
     except Exception as e:  # noqa: BLE001 - a bug of ours: one line here, the traceback in the server's log
         traceback.print_exc(file=sys.stderr)
-        line = (str(e).strip().splitlines() or [""])[0]
         yield {**idle, c["progress"]: progress_html(0, "Not started."),
-               c["message"]: _error(f"internal error ({type(e).__name__}: {line}); the server's log has the traceback")}
+               c["message"]: _error(f"internal error ({type(e).__name__}: {first_line(e)}); the server's log has "
+                                    "the traceback")}
         return
     s = plan.settings
     sizes = " → ".join(f"{w}×{h}" for h, w in s.sizes)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, make_dataclass
 from types import SimpleNamespace
 
 from ..config import knobs
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .knobs import in_page_words, page_value
 
 MODES = ("txt2img", "img2img", "control")
@@ -152,7 +152,7 @@ def prepare(model: Model, page: Page) -> Plan:
     try:
         return _prepare(model, page)
     except InputError as e:
-        raise InputError(in_page_words(str(e).splitlines()[0], uploads(page))) from None
+        raise InputError(in_page_words(first_line(e), uploads(page))) from None
 
 
 def seed_of(text) -> int:

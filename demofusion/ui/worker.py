@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, NonFiniteError
+from ..errors import InputError, NonFiniteError, first_line
 from .knobs import in_page_words
 from .runner import Model, Plan
 
@@ -120,11 +120,11 @@ class Run:
         except Stopped:
             self.events.put(("stopped",))
         except (InputError, NonFiniteError) as e:
-            self.events.put(("error", in_page_words(_line(e), self.plan.inputs.values())))
+            self.events.put(("error", in_page_words(first_line(e), self.plan.inputs.values())))
         except Exception as e:  # noqa: BLE001 - the page says one line; the server log has the traceback
             traceback.print_exc(file=sys.stderr)
             msg = oom_message(e) if is_oom(e) else \
-                f"internal error ({type(e).__name__}: {_line(e)}); the server's log has the traceback"
+                f"internal error ({type(e).__name__}: {first_line(e)}); the server's log has the traceback"
             self.events.put(("error", msg))
 
     def stop(self) -> None:
@@ -171,11 +171,6 @@ class Run:
             yield Snapshot(phase, step, frac, time.perf_counter() - self.t0, new, end, message)
             if end:
                 return
-
-
-def _line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 class Sessions:

@@ -15,6 +15,13 @@ def _transformers(n, ch, heads, depth, cfg):
     )
 
 
+def _level_transformers(cfg, level: int, n: int, ch: int):
+    """The transformer after each of ``n`` resnets at ``level``; None at a level without attention."""
+    if not cfg.cross_attention[level]:
+        return None
+    return _transformers(n, ch, cfg.attention_heads[level], cfg.transformer_layers_per_block[level], cfg)
+
+
 class DownBlock(nn.Module):
     """``layers`` × (resnet [→ transformer]) then a stride-2 conv; every stage output is a skip."""
 
@@ -24,11 +31,7 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, eps) for i in range(n)
         )
-        if cfg.cross_attention[level]:
-            self.attentions = _transformers(
-                n, out_ch, cfg.attention_heads[level], cfg.transformer_layers_per_block[level], cfg)
-        else:
-            self.attentions = None
+        self.attentions = _level_transformers(cfg, level, n, out_ch)
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if add_downsample else None
 
     def forward(self, x, temb, context):
@@ -71,11 +74,7 @@ class UpBlock(nn.Module):
             skip_ch = skip_in_ch if i == n - 1 else out_ch
             res_in = prev_ch if i == 0 else out_ch
             self.resnets.append(ResnetBlock2D(res_in + skip_ch, out_ch, temb, groups, eps))
-        if cfg.cross_attention[level]:
-            self.attentions = _transformers(
-                n, out_ch, cfg.attention_heads[level], cfg.transformer_layers_per_block[level], cfg)
-        else:
-            self.attentions = None
+        self.attentions = _level_transformers(cfg, level, n, out_ch)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
 
     def forward(self, x, temb, context, skips, up_size=None):

@@ -8,7 +8,7 @@ import re
 import torch
 
 from demofusion.weights import (
-    COMPONENT_NAMES, PICKLE_SUFFIXES, SINGLE_FILE_PREFIXES, WeightsError, build_and_load, config_errors,
+    COMPONENT_NAMES, PICKLE_SUFFIXES, SINGLE_FILE_PREFIXES, WeightsError, build_and_load, component_config,
     read_keys, read_tensors, resolve_component,
 )
 
@@ -56,14 +56,17 @@ def infer_config(state_dict, kind: str = "sdxl-base") -> UNetConfig:
     )
 
 
-def _as_config(config) -> UNetConfig:
-    if isinstance(config, UNetConfig):
-        return config
-    if isinstance(config, str):
-        return UNetConfig.preset(config)
-    if isinstance(config, dict):
-        return UNetConfig.from_diffusers(config)
-    raise TypeError(f"config must be a UNetConfig, a preset name or a diffusers config dict, not {type(config)}")
+def pick_config(tensors, cfg_json: dict | None, cfg_file, config=None, kind: str | None = None):
+    """(UNetConfig, the config.json it came from or None) as :func:`load_unet` picks it (also
+    ``demofusion inspect``): ``config``, else a UNet's ``cfg_json`` (with ``kind``'s sample size),
+    else the tensors' shapes."""
+    if cfg_json is not None and "down_block_types" not in cfg_json:
+        cfg_json = None
+    cfg, cfg_file = component_config(UNetConfig, config, cfg_json, cfg_file, COMPONENT_NAMES["unet"],
+                                     lambda: infer_config(tensors, kind or "sdxl-base"))
+    if cfg_file is not None and kind is not None:
+        cfg = cfg.replace(sample_size=UNetConfig.preset(kind).sample_size)
+    return cfg, cfg_file
 
 
 def load_unet(path: str | os.PathLike, dtype=None, device="cpu", config=None, kind: str | None = None,
@@ -95,18 +98,6 @@ def load_unet(path: str | os.PathLike, dtype=None, device="cpu", config=None, ki
         except ValueError as e:
             raise WeightsError(f"{file}: {e}") from None
         cfg_json = None  # a config.json beside a single file describes something else
-    if cfg_json is not None and "down_block_types" not in cfg_json:
-        cfg_json = None
-    cfg_file = None  # set when the architecture comes from config.json: errors building it name that file
-    if config is not None:
-        cfg = _as_config(config)
-    elif cfg_json is not None:
-        cfg_file = file.parent / "config.json"
-        with config_errors(cfg_file, COMPONENT_NAMES["unet"]):
-            cfg = UNetConfig.from_diffusers(cfg_json)
-        if kind is not None:
-            cfg = cfg.replace(sample_size=UNetConfig.preset(kind).sample_size)
-    else:
-        cfg = infer_config(tensors, kind or "sdxl-base")
+    cfg, cfg_file = pick_config(tensors, cfg_json, file.parent / "config.json", config, kind)
     return build_and_load(lambda: UNet(cfg), tensors, COMPONENT_NAMES["unet"], dtype=dtype, device=device,
                           file=file, config_file=cfg_file)

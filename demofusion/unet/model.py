@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tensors import DtypeDevice
 from .attention import CrossContext
 from .blocks import DownBlock, MidBlock, UpBlock
 from .config import UNetConfig
 from .embeddings import TimestepEmbedding, sinusoidal_embedding
 
 
-class UNetEncoder(nn.Module):
+class UNetEncoder(DtypeDevice, nn.Module):
     """What the UNet and the ControlNet share: ``conv_in``, the time and text-time embeddings, the
     down blocks and the mid block (same parameter names in both)."""
 
@@ -40,13 +41,8 @@ class UNetEncoder(nn.Module):
             skips += s
         return self.mid_block(x, temb, context), skips
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
+    def _reference_weight(self) -> torch.Tensor:  # .dtype / .device (conv_in stays out of fp8)
+        return self.conv_in.weight
 
     def embed(self, timestep, text_embeds, time_ids, batch: int, dtype) -> torch.Tensor:
         """emb = time_embedding(fourier(t)) + add_embedding([text_embeds, fourier(time_ids)])."""

@@ -6,15 +6,8 @@ import json
 from pathlib import Path
 
 from demofusion.weights import (
-    COMPONENT_NAMES,
-    SINGLE_FILE_PREFIXES,
-    WeightsError,
-    build_and_load,
-    config_errors,
-    is_single_file,
-    read_keys,
-    read_tensors,
-    resolve_component,
+    COMPONENT_NAMES, SINGLE_FILE_PREFIXES, WeightsError, build_and_load, component_config, is_single_file, read_keys,
+    read_tensors, resolve_component,
 )
 
 from .config import VAEConfig
@@ -43,18 +36,15 @@ def _read_state_dict(file: Path, allow_pickle: bool) -> tuple[dict, bool]:
     return (from_ldm(sd) if is_ldm_layout(sd) else from_diffusers(sd)), single
 
 
-def _resolve_config(config, cfg_json: dict | None, sd: dict) -> VAEConfig:
-    if isinstance(config, VAEConfig):
-        return config
-    if isinstance(config, str):
-        return VAEConfig.preset(config)
-    if isinstance(config, dict):
-        return VAEConfig.from_diffusers(config)
-    if config is not None:
-        raise TypeError(f"config must be a VAEConfig, a preset name or a config dict, not {type(config).__name__}")
-    if cfg_json is not None:
-        return VAEConfig.from_diffusers(cfg_json)
-    return infer_config(sd)
+def pick_config(sd: dict, cfg_json: dict | None, cfg_file, single: bool, config=None):
+    """(VAEConfig, the config.json it came from or None) as :func:`load_vae` picks it (also
+    ``demofusion inspect``): ``config``, else a VAE's ``cfg_json`` beside a VAE file, else the
+    shapes of ``sd`` (our names)."""
+    vae_json = cfg_json is not None and (cfg_json.get("_class_name") == "AutoencoderKL"
+                                         or "latent_channels" in cfg_json)
+    if single or not vae_json:
+        cfg_json = None  # a config.json beside a whole-model file describes something else
+    return component_config(VAEConfig, config, cfg_json, cfg_file, COMPONENT_NAMES["vae"], lambda: infer_config(sd))
 
 
 def load_vae(
@@ -80,19 +70,11 @@ def load_vae(
     sd, single = _read_state_dict(file, allow_pickle)
     if not sd:
         raise WeightsError(f"{file} holds no VAE tensors")
-    if single or not _is_vae_config(cfg_json):
-        cfg_json = None  # a config.json beside a whole-model file describes something else
-    cfg_file = file.parent / "config.json" if config is None and cfg_json is not None else None
-    with config_errors(cfg_file, COMPONENT_NAMES["vae"]):
-        cfg = _resolve_config(config, cfg_json, sd)
+    cfg, cfg_file = pick_config(sd, cfg_json, file.parent / "config.json", single, config)
     return build_and_load(
         lambda: AutoencoderKL(cfg, on_fp16_overflow=on_fp16_overflow),
         sd, COMPONENT_NAMES["vae"], dtype=dtype, device=device, file=file, config_file=cfg_file,
     )
-
-
-def _is_vae_config(cfg: dict | None) -> bool:
-    return cfg is not None and (cfg.get("_class_name") == "AutoencoderKL" or "latent_channels" in cfg)
 
 
 def save_vae(vae: AutoencoderKL, folder, variant: str | None = None) -> Path:

@@ -8,12 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from torch._subclasses.fake_tensor import is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
-except ImportError:  # pragma: no cover - older torch
-    def is_fake(t) -> bool:
-        return False
-
+from ..tensors import DtypeDevice, is_fake  # a FakeTensor (no values), e.g. under FakeTensorMode
 from .config import VAEConfig
 
 OVERFLOW_POLICIES = ("upcast", "raise")
@@ -105,28 +100,30 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class DownBlock(nn.Module):
+class _ResnetStack(nn.Module):
+    """``n`` resnets, then the resampler if any, run in that order. The resampler's list is
+    registered as ``name`` (``downsamplers`` / ``upsamplers``: diffusers' parameter names)."""
+
+    def __init__(self, cin: int, cout: int, n: int, cfg: VAEConfig, name: str, resampler: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, cfg) for i in range(n)])
+        setattr(self, name, nn.ModuleList([resampler] if resampler is not None else []))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layers in self.children():  # resnets, then the resampler
+            for layer in layers:
+                x = layer(x)
+        return x
+
+
+class DownBlock(_ResnetStack):
     def __init__(self, cin: int, cout: int, n: int, down: bool, cfg: VAEConfig):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, cfg) for i in range(n)])
-        self.downsamplers = nn.ModuleList([Downsample(cout)] if down else [])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in (*self.resnets, *self.downsamplers):
-            x = layer(x)
-        return x
+        super().__init__(cin, cout, n, cfg, "downsamplers", Downsample(cout) if down else None)
 
 
-class UpBlock(nn.Module):
+class UpBlock(_ResnetStack):
     def __init__(self, cin: int, cout: int, n: int, up: bool, cfg: VAEConfig):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, cfg) for i in range(n)])
-        self.upsamplers = nn.ModuleList([Upsample(cout)] if up else [])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in (*self.resnets, *self.upsamplers):
-            x = layer(x)
-        return x
+        super().__init__(cin, cout, n, cfg, "upsamplers", Upsample(cout) if up else None)
 
 
 class Encoder(nn.Module):
@@ -190,7 +187,7 @@ class DiagonalGaussian:
         return self.mean
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(DtypeDevice, nn.Module):
     """SDXL's VAE. ``encode(x in [-1,1]) -> DiagonalGaussian``; ``decode(z) -> image in [-1,1]``.
 
     Latents are *unscaled*: multiply by ``scaling_factor`` to get what the UNet sees.
@@ -230,13 +227,8 @@ class AutoencoderKL(nn.Module):
         """Pixels per latent (8)."""
         return self.config.scale_factor
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.conv_in.weight.device
+    def _reference_weight(self) -> torch.Tensor:  # .dtype / .device
+        return self.decoder.conv_in.weight
 
     # --- raw passes (no overflow handling) ---------------------------------------------------
     def _encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ One place for what every component loader needs:
 
 * :func:`resolve_component` turns a user's path (a diffusers model folder, its component
   subfolder, or a single ``.safetensors`` file) into the weights file and its ``config.json``;
+* :func:`component_config` picks the architecture: the caller's config, else that ``config.json``,
+  else the tensors' shapes;
 * :func:`read_tensors` reads a safetensors file, optionally only the keys under one prefix
   (so a 7 GB single-file checkpoint is never read whole to get its VAE);
 * :func:`build_and_load` builds a module on the meta device and assigns the tensors into it,
@@ -33,7 +35,7 @@ from .common import (
     is_single_file,
     parse_dtype,
 )
-from .config import config_errors, read_config, read_json
+from .config import component_config, config_errors, read_config, read_json
 from .files import read_tensors, resolve_component
 from .fit import FitProblems, check_state_dict, fit_problems, word_fit_problems
 from .integrity import SAFETENSORS_DTYPE_SIZES, read_keys, safetensors_header
@@ -54,6 +56,7 @@ __all__ = [
     "FitProblems",
     "safetensors_header",
     "config_errors",
+    "component_config",
     "build_meta",
     "COMPONENT_NAMES",
     "SAFETENSORS_DTYPE_SIZES",

@@ -62,11 +62,6 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
-def _one_line(e: BaseException | str) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _json_type(v) -> str:
     return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
             type(None): "null"}.get(type(v), type(v).__name__)

@@ -1,5 +1,6 @@
 """Reading ``config.json`` files: valid JSON, an object, known fields of the right type;
-and :func:`config_errors`, which blames a model that cannot be built on its config.json."""
+:func:`config_errors`, which blames a model that cannot be built on its config.json; and
+:func:`component_config`, the one order in which every component loader picks its config."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from .common import WeightsError, _is_int, _json_type, _one_line
+from ..errors import first_line
+from .common import WeightsError, _is_int, _json_type
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -20,9 +22,10 @@ def read_json(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({_one_line(e)}); fix it or re-download it") from None
+        raise WeightsError(f"{path}: not valid JSON ({first_line(e)}); fix it or re-download it") from None
     except OSError as e:
-        raise WeightsError(f"{path}: cannot be read ({_one_line(e)}); check its permissions or re-download it") from None
+        raise WeightsError(
+            f"{path}: cannot be read ({first_line(e)}); check its permissions or re-download it") from None
     if not isinstance(data, dict):
         raise WeightsError(
             f"{path}: holds a JSON {_json_type(data)}, not an object; fix it or re-download it")
@@ -97,7 +100,33 @@ def config_errors(config_file: str | os.PathLike | None, what: str) -> Iterator[
     except WeightsError:
         raise
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
-        why = f"missing field {e}" if isinstance(e, KeyError) else _one_line(e)
+        why = f"missing field {e}" if isinstance(e, KeyError) else first_line(e)
         raise WeightsError(
             f"{config_file}: does not describe a loadable {what} ({why}); fix it or re-download it"
         ) from None
+
+
+def component_config(cls, config, config_json: dict | None, config_file: Path, what: str,
+                     infer: Callable[[], object], read: Callable[[dict], object] | None = None):
+    """(the config a component loader builds from, the config.json it came from or None).
+
+    In this order: ``config`` as the caller gave it (a ``cls``, a preset name where ``cls`` has
+    presets, a config dict); else ``config_json``, the component's config.json at ``config_file``
+    (the caller passes None when that file describes something else), read so that an error names
+    the file; else ``infer()``, the config from the tensors' shapes. ``read`` turns a config dict
+    into a ``cls`` (default ``cls.from_diffusers``)."""
+    read = read or cls.from_diffusers
+    if config is None and config_json is not None:
+        with config_errors(config_file, what):
+            return read(config_json), config_file
+    if config is None:
+        return infer(), None
+    if isinstance(config, cls):
+        return config, None
+    presets = hasattr(cls, "preset")
+    if isinstance(config, str) and presets:
+        return cls.preset(config), None
+    if isinstance(config, dict):
+        return read(config), None
+    raise TypeError(f"config must be a {cls.__name__}, {'a preset name, ' if presets else ''}or a config dict, "
+                    f"not {type(config).__name__}")

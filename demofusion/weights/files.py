@@ -9,7 +9,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .common import PICKLE_SUFFIXES, WeightsError, _one_line, _refuse_pickle
+from ..errors import first_line
+from .common import PICKLE_SUFFIXES, WeightsError, _refuse_pickle
 from .config import read_config
 from .integrity import _checked_header, _directory_problem
 
@@ -86,7 +87,7 @@ def read_tensors(
             sd = torch.load(p, map_location=device, weights_only=True)
         except Exception as e:  # any unpickling failure: a damaged or foreign file
             raise WeightsError(
-                f"{p}: cannot be read as a pickle checkpoint ({type(e).__name__}: {_one_line(e)}); "
+                f"{p}: cannot be read as a pickle checkpoint ({type(e).__name__}: {first_line(e)}); "
                 "re-download it") from None
         if isinstance(sd, Mapping):
             sd = sd.get("state_dict", sd)
@@ -103,7 +104,7 @@ def read_tensors(
                 items = [(k, f.get_tensor(k)) for k in keys]
         except (SafetensorError, OSError) as e:
             raise WeightsError(
-                f"{p}: not a safetensors file (unreadable: {_one_line(e)}); re-download it") from None
+                f"{p}: not a safetensors file (unreadable: {first_line(e)}); re-download it") from None
     out = {}
     for k, v in items:
         if prefix is not None:

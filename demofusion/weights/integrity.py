@@ -9,7 +9,8 @@ import os
 import struct
 from pathlib import Path
 
-from .common import WeightsError, _is_int, _json_type, _one_line
+from ..errors import first_line
+from .common import WeightsError, _is_int, _json_type
 
 # Bytes per element of each safetensors dtype.
 SAFETENSORS_DTYPE_SIZES = {
@@ -46,7 +47,7 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict | None, list[str]]
             first = f.read(1)
             raw = first + f.read(n - 1) if len(head) == 8 and 0 < n <= min(size - 8, _MAX_HEADER) else b""
     except OSError as e:
-        return None, [f"{p}: cannot be read ({_one_line(e)}); check its permissions or re-download it"]
+        return None, [f"{p}: cannot be read ({first_line(e)}); check its permissions or re-download it"]
 
     def unreadable(why: str) -> tuple[None, list[str]]:
         return None, [f"{p}: not a safetensors file (header unreadable: {why}); re-download it"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..errors import first_line
 from .common import COMPONENT_NAMES, PICKLE_SUFFIXES, SINGLE_FILE_PREFIXES, WeightsError
 from .files import resolve_component
 from .integrity import safetensors_header
@@ -108,7 +109,7 @@ def expect(path, flag: str) -> str:
     try:
         kind = kind_of(path)
     except WeightsError as e:
-        why = str(e).splitlines()[0].removeprefix(str(Path(path).expanduser())).lstrip(": ")
+        why = first_line(e).removeprefix(str(Path(path).expanduser())).lstrip(": ")
         raise WeightsError(f"{flag} {path}: {why}; {flag} takes {wanted}") from None
     if kind not in kinds:
         use = f" (use it as {USE[kind]})" if kind in USE else ""
