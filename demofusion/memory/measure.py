@@ -70,7 +70,8 @@ class Tracker(TorchDispatchMode):
             return True  # a check such as isfinite(x).all(): the healthy path
         device = kwargs.get("device")
         if all(not isinstance(t, FakeTensor) and t.device.type == "cpu" for t in leaves) and \
-                (device is None or torch.device(device).type == "cpu"):
+                (device is None or torch.device(device).type == "cpu") and not kwargs.get("pin_memory"):
+            # (pinned host memory needs a CUDA driver: it stays fake, like the copy it feeds)
             with unset_fake_temporarily():  # host work on real tensors: run it for real
                 return func(*args, **kwargs)
         out = func(*args, **kwargs)
