@@ -50,6 +50,40 @@ def test_blocks_are_balanced_and_contiguous():
             assert [k for r in b for k in r] == list(range(n)) and max(map(len, b)) - min(map(len, b)) <= 1
 
 
+@pytest.mark.parametrize("n, vbs, ranks, cfg", [(65, 16, 1, True), (13, 16, 8, True), (65, 16, 8, True),
+                                                 (34, 4, 3, False), (1, 16, 2, True), (1, 16, 4, False), (7, 2, 5, True)])
+def test_a_step_is_split_into_balanced_chunks_and_ranks(n, vbs, ranks, cfg):
+    """Every view once, in order; chunks ≤ view_batch_size; alone: ⌈n / vbs⌉ chunks differing by ≤ 1;
+    per rank ⌈n / N⌉ views (a view's CFG halves apart when the ranks are at least twice the views)."""
+    from demofusion.pipeline.reference import DEFAULT, PRIS_CV
+
+    cut = DEFAULT.chunks(n, vbs, ranks, cfg)
+    halves = cfg and ranks >= 2 * n
+    assert [v for c in cut for v in range(c.first, c.first + c.views)] == \
+        [v for v in range(n) for _ in range(2 if halves else 1)]
+    assert all(c.views <= vbs and 0 <= c.rank < ranks for c in cut)
+    rows = [sum(c.views * (1 if c.half else 2) for c in cut if c.rank == r) for r in range(ranks)]
+    assert max(rows) == (1 if halves else 2 * -(-n // ranks)), rows
+    if ranks == 1:
+        sizes = [c.views for c in cut]
+        assert len(sizes) == -(-n // vbs) and max(sizes) - min(sizes) <= 1
+    assert [c.views for c in PRIS_CV.chunks(n, vbs, ranks, cfg)] == [min(vbs, n - a) for a in range(0, n, vbs)]
+
+
+def test_counted_work_per_rank_meets_the_targets():
+    """benchmarks/distributed.py's figures: the busiest rank's single-view evaluations by phase,
+    against the hand count (views 1, 13, 34, 65 at 4096²; 50 steps; × 2 CFG; phase 1 one half)."""
+    from demofusion.pipeline.algorithm import rank_evaluations, unet_evaluations
+    from demofusion.pipeline.settings import validate
+
+    s = lambda side: validate(1024, prompt="x", height=side, width=side, stride=64, view_batch_size=16, force=True)
+    big, small = s(4096), s(2048)
+    assert rank_evaluations(big, 8) == [50, 2 * 2 * 50, 5 * 2 * 50, 9 * 2 * 50]
+    assert rank_evaluations(small, 4) == [50, 4 * 2 * 50]
+    assert sum(unet_evaluations(big)) / sum(rank_evaluations(big, 8)) >= 6.5
+    assert sum(unet_evaluations(small)) / sum(rank_evaluations(small, 4)) >= 3
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The one-process run split for n ranks (--view-ranks n), made once per n."""

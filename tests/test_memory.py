@@ -108,6 +108,15 @@ def test_unet_calls_follow_the_pipeline_batching():
     assert M.unet_calls(r, 1) == [("local", 9, (128, 128)), ("global", 4, (128, 128))]
     s4 = validate(1024, prompt="x", height=2048, width=2048, view_batch_size=4)
     assert M.unet_calls(s4, 1) == [("local+global", 4, (128, 128))]
+    # balanced chunks: 4096² phase 4's 49 windows + 16 sub-latents at 16 a call are 5 × 13, not 16 … 16, 1
+    big = dict(prompt="x", height=4096, width=4096, view_batch_size=16, force=True)
+    assert M.unet_calls(validate(1024, **big), 3) == [("local+global", 13, (128, 128))]
+    assert M.unet_calls(validate(1024, **big, reference_compat=True), 3) == [("local", 16, (128, 128)),
+                                                                             ("global", 16, (128, 128))]
+    # split for 4 ranks: 4 views a rank in phase 2; phase 1's lone view as two CFG halves (one row a call)
+    s_r = validate(1024, prompt="x", height=2048, width=2048, view_batch_size=16, view_ranks=4)
+    assert M.unet_calls(s_r, 1) == [("local+global", 4, (128, 128))] and not M.lone_halves(s_r, 1)
+    assert M.unet_calls(s_r, 0) == [("whole", 1, (128, 128))] and M.lone_halves(s_r, 0)
 
 
 def test_stage_table_ours_and_reference():

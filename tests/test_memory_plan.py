@@ -212,8 +212,9 @@ def test_whole_sdxl_run_fits_8_gib_on_fake_cuda(sdxl_home, height, width, contro
     assert [tuple(x.shape[-2:]) for x in out.images][-1] == (height, width)
     assert {n for n, _ in measured} == {"text", "unet", "vae"}
     estimate = max(st.weights + st.activations + st.latents for st in plan.stages)
-    for name, peak in measured:
-        assert peak + M.CUDA_CONTEXT + M.WORKSPACES + M.FRAGMENTATION * peak <= budget, (name, peak / 2**30)
+    weights = {"vae" if st.name == "decode" else st.name: st.weights for st in plan.stages}  # resident in a stage
+    for name, peak in measured:  # plus the stated reserve (docs/memory.md): fragmentation is 10 % of what is not weights
+        assert peak + M.reserve(peak - weights[name]) <= budget, (name, peak / 2**30)
     top = max(p for _, p in measured)
     assert 0.97 * estimate <= top <= 1.03 * estimate  # the plan's model is the measured run
     assert all(pipe.placement.at_home(m) for m in (pipe.unet, pipe.vae, pipe.text.text_encoder))

@@ -19,4 +19,5 @@ from .fake import (StagePeak, fake_text, fake_unet, fake_vae, text_encode_peak, 
                    vae_decode_tile_peak, vae_encode_tile_peak)
 from .measure import (CUDA_CONTEXT, FRAGMENTATION, WORKSPACES, GiB, MiB, SDPARouter, Tracker, fake_input, fake_mode,
                       measure, on_fake_cuda, reserve, track)
-from .stages import LATENT_COPIES, VIEW_COPIES, Stage, decode_peak, peak, stage_table, unet_calls, view_paths
+from .stages import (LATENT_COPIES, VIEW_COPIES, Stage, decode_peak, lone_halves, peak, stage_table, unet_calls,
+                     view_paths)
