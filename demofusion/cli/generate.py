@@ -52,7 +52,7 @@ def run_id(params: dict, config_cls=None) -> str:
 
 
 def _given(args) -> dict:
-    """The flags on the command line (the sampler in one spelling: common.normalise_sampler)."""
+    """The flags on the command line (the sampler in one spelling: sampling.normalise_sampler)."""
     keys = (*RUN_KEYS, *PLACEMENT_KEYS, *CONTROL_KEYS, *MODEL_KEYS, "model", "device", "dtype", "force", "fp8")
     return normalise_sampler({k: v for k, v in vars(args).items() if v is not None and k in keys})
 

@@ -128,7 +128,7 @@ class Settings:
         return self.sampler or self.pipeline_sampler
 
     def phase_steps(self, k: int) -> tuple[int, int]:
-        """(steps of phase ``k``'s schedule, the first step it runs): see algorithm.phase_steps."""
+        """(steps of phase ``k``'s schedule, the first step it runs): pipeline/steps.py."""
         return M.phase_steps(self, k)
 
     def unet_evaluations(self, layout=None) -> list[int]:
