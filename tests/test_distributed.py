@@ -155,8 +155,11 @@ def test_bad_input_under_torchrun_is_said_once_and_every_rank_exits_2(tmp_path):
     r = torchrun(2, "-m", "demofusion", *RUN, "--steps", "0", "--out", tmp_path / "run", timeout=120)
     assert error_lines(r) == ["error: --steps must be 1..1000, got 0"]  # rank 0's; rank 1 is quiet
     assert only_torchruns_traceback(r) and "ChildFailedError" in r.stderr
-    # torchrun's summary lists each rank's own code; torchrun itself always exits 1
-    assert re.findall(r"^ +exitcode +: (-?\d+)", r.stderr, re.M) == ["2", "2"] and r.returncode == 1
+    # torchrun's summary lists each rank's own code; torchrun itself always exits 1. A rank still
+    # shutting down when its sibling has exited is ended by torchrun (SIGTERM, -15): a race on a
+    # loaded machine, after every rank has refused the input (the one line above was said)
+    codes = re.findall(r"^ +exitcode +: (-?\d+)", r.stderr, re.M)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"} and r.returncode == 1, codes
     assert not (tmp_path / "run").exists()
 
 
