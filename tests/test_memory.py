@@ -1,4 +1,4 @@
-"""The measured memory model (demofusion/memory.py): our real modules at SDXL shapes on fake CUDA.
+"""The measured memory model (demofusion/memory/): our real modules at SDXL shapes on fake CUDA.
 
 Figures checked against the ones measured when the model was written: SDXL UNet fp16 weights
 4.78 GiB; one view with CFG (batch 2, 128² latents) 0.30 GiB of activations with flash attention

@@ -1,4 +1,5 @@
-"""DemoFusion (Du et al., CVPR 2024) as one multi-view denoiser, read top-down (docs/algorithm.md).
+"""DemoFusion (Du et al., CVPR 2024) as one multi-view denoiser, read top-down (docs/algorithm.md;
+"§" and "eq." in the docstrings are the paper's sections and equations).
 
 1. the paper's scalars, one function per equation;
 2. the view layout of a phase (which paths, how many views, of what shape): the one function the
