@@ -5,7 +5,7 @@
 
 Counted: single-view UNet evaluations (a view with its CFG pair counts 2, a lone CFG half 1) of
 the busiest rank, per phase, over all steps, with the layout and the split the pipeline uses
-(demofusion.pipeline.algorithm.view_layout, rank_evaluations → Policy.step_chunks): every rank
+(demofusion.pipeline.algorithm.view_layout, work.rank_evaluations → Policy.step_chunks): every rank
 ⌈views / N⌉ of a step's views, phase 1's CFG halves on two ranks. "× less" = one process's
 evaluations (unet_evaluations) / the busiest rank's. The counts do not depend on view_batch_size
 (it sets how many calls a rank makes, not how many views); communication, decode and the work
@@ -26,7 +26,7 @@ import time
 
 from docsection import write_section
 
-from demofusion.pipeline.algorithm import rank_evaluations, unet_evaluations
+from demofusion.pipeline.work import rank_evaluations, unet_evaluations
 from demofusion.pipeline.settings import validate
 
 TARGETS = {(4096, 8): 6.5, (2048, 4): 3.0}  # issue 23: per-rank work at least this many times less

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from demofusion.pipeline.algorithm import unet_evaluations, view_layout
+from demofusion.pipeline.algorithm import view_layout
+from demofusion.pipeline.work import unet_evaluations
 from demofusion.pipeline.settings import validate
 
 SDXL_FLOPS_128 = 6.76e12  # one UNet forward, batch 1, 128² latent (docs/benchmarks.md)

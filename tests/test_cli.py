@@ -152,7 +152,7 @@ def test_warning_prompt_over_77_tokens(capsys, tmp_path):
 
 
 def test_resume_after_ctrl_c_in_phase_3(full_run, tmp_path, capsys, monkeypatch):
-    from demofusion.pipeline import pipeline as module
+    from demofusion.pipeline import decoding as module  # where phase_output calls decode_latents
 
     decode = module.decode_latents
 

@@ -73,7 +73,7 @@ def test_a_step_is_split_into_balanced_chunks_and_ranks(n, vbs, ranks, cfg):
 def test_counted_work_per_rank_meets_the_targets():
     """benchmarks/distributed.py's figures: the busiest rank's single-view evaluations by phase,
     against the hand count (views 1, 13, 34, 65 at 4096²; 50 steps; × 2 CFG; phase 1 one half)."""
-    from demofusion.pipeline.algorithm import rank_evaluations, unet_evaluations
+    from demofusion.pipeline.work import rank_evaluations, unet_evaluations
     from demofusion.pipeline.settings import validate
 
     s = lambda side: validate(1024, prompt="x", height=side, width=side, stride=64, view_batch_size=16, force=True)

@@ -3,7 +3,7 @@
 
 1. the paper's scalars, one function per equation;
 2. the view layout of a phase (which paths, how many views, of what shape): the one function the
-   denoiser, the work line, the memory planner and the benchmarks count views with;
+   denoiser, the work line (:mod:`.work`), the memory planner and the benchmarks count views with;
 3. cutting views from the whole latent and merging their predictions back, each latent cut beside
    the ControlNet pixel cut that matches it;
 4. the multi-view denoiser D(z, i): every view of every path through the guided UNet, the
@@ -28,7 +28,6 @@ from ..ops import (dilate, gather_views, gaussian_blur, jitter_range, jitter_vie
                    scatter_add_views, undilate, view_starts)
 from .draws import Corners
 from .reference import DEFAULT, Policy
-from .steps import phase_steps, sampler_evaluations
 
 VAE_SCALE = 8  # pixels per latent
 
@@ -123,35 +122,6 @@ def view_layout(s, k: int) -> list[PathLayout]:
         d = k + 1  # phase k+1 dilates by k+1
         paths.append(PathLayout("global", d * d, (-(-h // d), -(-w // d)), dilation=d))
     return paths
-
-
-def unet_evaluations(s, layout=view_layout) -> list[int]:
-    """Single-view UNet forwards per phase (× 2 with guidance): the run's work, the steps each phase
-    runs (``phase_steps``) of its sampler."""
-    out = []
-    for k in range(s.phases):
-        n, first = phase_steps(s, k)
-        evals = sampler_evaluations(getattr(s, "counted_sampler", None), n - first)
-        out.append(sum(p.count for p in layout(s, k)) * evals * (2 if s.cfg else 1))
-    return out
-
-
-def rank_evaluations(s, ranks: int, layout=view_layout, policy: Policy = DEFAULT) -> list[int]:
-    """Single-view UNet forwards per phase on the busiest of ``ranks`` ranks, the views batched and
-    split as the denoiser does (:meth:`~.reference.Policy.step_chunks`, ``s.view_batch_size`` a
-    call): a view with both CFG halves counts 2, a lone half 1; a stack of one chunk runs on
-    every rank (:class:`~demofusion.parallel.ViewParallel`)."""
-    out, rows = [], 2 if s.cfg else 1
-    for k in range(s.phases):
-        work = [0] * ranks
-        for _, cut in policy.step_chunks(layout(s, k), s.view_batch_size, ranks, s.cfg, s.control is not None):
-            for c in cut:
-                n = c.views * (1 if c.half else rows)
-                for r in (range(ranks) if len(cut) == 1 else [c.rank % ranks]):
-                    work[r] += n
-        n_steps, first = phase_steps(s, k)
-        out.append(max(work) * sampler_evaluations(getattr(s, "counted_sampler", None), n_steps - first))
-    return out
 
 
 # ---- 3. cutting views and merging their predictions ----------------------------------------------

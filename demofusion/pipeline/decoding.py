@@ -9,6 +9,7 @@ import torch
 from .. import parallel
 from ..memory.plan import MemoryPlan
 from ..vae import decode_tiled, decode_tiled_reference, encode_tiled
+from .guards import check_image, likely_cause
 from .settings import Settings
 
 
@@ -64,3 +65,9 @@ def as_output(x: torch.Tensor, s: Settings, k: int):
         s.preview_dir.mkdir(parents=True, exist_ok=True)
         img[0].save(s.preview_dir / f"phase_{k + 1}.png")
     return img[0] if len(img) == 1 else img
+
+
+def phase_output(vae, z: torch.Tensor, k: int, s: Settings, plan: MemoryPlan):
+    """Phase k+1's latents decoded (the plan's tiles), checked finite, as ``output_type`` asks."""
+    x = decode_latents(vae, z / vae.scaling_factor, k, s, plan)
+    return as_output(check_image(x, k + 1, likely_cause(vae.dtype)), s, k)

@@ -30,12 +30,12 @@ from .. import parallel
 from ..placement import Placement
 from . import algorithm as A
 from .algorithm import Mechanisms, MultiViewDenoiser
-from .decoding import as_output, decode_latents, encode_image, from_pil, to_pil  # noqa: F401 (re-exported)
+from .decoding import encode_image, from_pil, phase_output, to_pil  # noqa: F401 (from_pil, to_pil re-exported)
 from ..controlnet.guide import Guide
 from ..lora import LoraStack
 from .denoise import Conditioning, GuidedUNet, needs_noise, phase_generators, steps_of
 from .draws import PhaseDraws, upload
-from .guards import FiniteWatch, check_image, likely_cause
+from .guards import FiniteWatch, likely_cause
 from .loading import save_components
 from .reference import policy_for
 from .settings import Settings, validate
@@ -241,12 +241,9 @@ class DemoFusionPipeline:
         :class:`~demofusion.errors.InputError`, and NaN/Inf appearing during the run a
         :class:`~demofusion.errors.NonFiniteError` naming the phase and step.
         DemoFusion's knobs: ``config`` (a :class:`~demofusion.DemoFusionConfig`, default its
-        defaults), and each of its fields as a keyword overriding it (``stride``,
-        ``cosine_scale_1/2/3``, ``sigma``, ``view_batch_size``, ``phases``, ``phase_sizes``,
-        ``base_size``, ``multi_decoder`` and the ablation switches ``skip_residual``,
-        ``local_paths``, ``dilated_sampling``, ``dilated_blur`` (σ = 0 is the same as off),
-        ``renormalise``, ``view_jitter``): their defaults, ranges and meaning are the config's
-        fields (docs/pipeline.md). ``guidance_scale`` ≤ 1: no classifier-free guidance.
+        defaults), and each of its fields as a keyword overriding it (``stride=32``, ``sigma=0.6``,
+        ``skip_residual=False`` …): their defaults, ranges and meaning are the config's fields
+        (docs/pipeline.md). ``guidance_scale`` ≤ 1: no classifier-free guidance.
         ``callback(phase, step, t, latents)`` after every step; ``on_phase_end(phase, image,
         latents)`` and ``preview_dir`` (writes ``phase_<k>.png``) as soon as a phase ends.
         ``resume_latents``: latents of phases already finished (phase 1 first); those phases are
@@ -276,9 +273,7 @@ class DemoFusionPipeline:
         ``timestep_spacing=`` keywords), on the model's schedule; None: the pipeline's (or the preset's).
         """
         args = {k: v for k, v in locals().items() if k not in ("self", "prompt", "knobs")} | knobs
-        for k in ("num_inference_steps", "guidance_scale"):  # not given: the preset's, else the default
-            if args[k] is None:
-                del args[k]
+        args = {k: v for k, v in args.items() if v is not None or k not in ("num_inference_steps", "guidance_scale")}
         s = self.validate(prompt, **args)
         plan = plan_run(self, s, estimate_stages=False)
         s = dataclasses.replace(s, view_batch_size=plan.view_batch_size)
@@ -401,5 +396,4 @@ class DemoFusionPipeline:
     def _image(self, s: Settings, plan: MemoryPlan, k: int, z):
         """Decode phase k+1 (checked finite) as ``output_type`` asks; write the preview if asked."""
         with self._place("vae", s, plan):
-            x = decode_latents(self.vae, z / self.vae.scaling_factor, k, s, plan)
-        return as_output(check_image(x, k + 1, likely_cause(self.vae.dtype)), s, k)
+            return phase_output(self.vae, z, k, s, plan)
