@@ -3,10 +3,14 @@
     python benchmarks/pipeline.py --model tiny --height 768 --width 768 --steps 8
     python benchmarks/pipeline.py --count-only --height 4096 --width 4096 --steps 50
     python benchmarks/pipeline.py --model random:sdxl-base --device cuda --dtype fp16 --height 2048 --width 2048 --steps 50
+    python benchmarks/pipeline.py --reference /path/to/pipeline_demofusion_sdxl.py [versus_reference.py's options]
 
 ``--model``: a weights path, ``tiny``, or ``random:sdxl-base`` / ``random:sdxl-turbo`` (the real
 networks with seeded random weights: real shapes and cost, noise images, no download).
 ``--compile MODE`` compiles the UNet and runs the job once untimed first (``--warmup``).
+
+``--reference PATH`` times our denoising against the PRIS-CV reference's on the CPU proxy
+(benchmarks/versus_reference.py: same tiny weights, same job, alternating runs).
 
 ``--count-only`` prints the analytic work of a real SDXL run (single-sample 128² UNet
 evaluations per phase × 6.76e12 FLOPs each, docs/benchmarks.md) without running anything. With a
@@ -37,6 +41,14 @@ def evaluations_per_phase(height, width, base=1024, steps=50, stride=64, guidanc
 
 
 def main(argv=None):
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--reference" in argv:  # the comparison with the reference has its own options
+        from versus_reference import main as versus
+
+        i = argv.index("--reference")
+        return versus([argv[i + 1], *argv[:i], *argv[i + 2:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--height", type=int, default=768)
