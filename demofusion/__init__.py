@@ -1,6 +1,6 @@
 """demofusion — DemoFusion (Du et al., CVPR 2024) for SDXL / SDXL-Turbo in plain PyTorch.
 
-Public API (see docs/pipeline.md)::
+Public API (see docs/api.md)::
 
     import demofusion as df
     unet = df.load_unet(path, dtype=torch.float16, device="cuda")

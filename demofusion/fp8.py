@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tensors import weight_bytes  # noqa: F401  (part of this module's API: docs/fp8.md)
+from .tensors import weight_bytes  # noqa: F401  (part of this module's API: docs/big-images.md)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DEFAULT_SKIP = ("conv_in", "conv_out")

@@ -1,6 +1,6 @@
 """Run presets: the sampler, timestep spacing, steps and guidance a model family's card gives
 (``--preset NAME``, ``pipe(..., preset=NAME)``), and ``fast``: DemoFusion on SDXL base with fewer
-UNet evaluations. Explicit arguments override a preset's values (docs/schedulers.md, "Presets").
+UNet evaluations. Explicit arguments override a preset's values (docs/components.md, "Presets").
 
 No torch here: the command line reads the table to build its parser.
 """

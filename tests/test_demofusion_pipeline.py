@@ -191,7 +191,7 @@ def test_from_pretrained_missing_weights_says_how_to_download(tmp_path):
 
 def test_compiled_unet_gives_the_same_result(tmp_path):
     # aot_eager traces and runs the captured graph without generating kernels: the graph capture is
-    # what is tested here (inductor kernels take minutes to build on CPU; docs/pipeline.md).
+    # what is tested here (inductor kernels take minutes to build on CPU; docs/api.md).
     eager = small_pipeline("sdxl")
     want, _ = run(eager)
     compiled = small_pipeline("sdxl").compile(backend="aot_eager")

@@ -138,7 +138,7 @@ def error_lines(r: subprocess.CompletedProcess) -> list[str]:
 
 def only_torchruns_traceback(r: subprocess.CompletedProcess) -> bool:
     """torchrun itself ends a failed job with its ChildFailedError / SignalException traceback
-    (docs/distributed.md); no rank adds one."""
+    (docs/big-images.md); no rank adds one."""
     return r.stderr.count("Traceback (most recent call last)") == 1 and r.stderr.count('File "<frozen runpy>", line 198') == 1
 
 

@@ -213,7 +213,7 @@ def test_whole_sdxl_run_fits_8_gib_on_fake_cuda(sdxl_home, height, width, contro
     assert {n for n, _ in measured} == {"text", "unet", "vae"}
     estimate = max(st.weights + st.activations + st.latents for st in plan.stages)
     weights = {"vae" if st.name == "decode" else st.name: st.weights for st in plan.stages}  # resident in a stage
-    for name, peak in measured:  # plus the stated reserve (docs/memory.md): fragmentation is 10 % of what is not weights
+    for name, peak in measured:  # plus the stated reserve (docs/big-images.md): fragmentation is 10 % of what is not weights
         assert peak + M.reserve(peak - weights[name]) <= budget, (name, peak / 2**30)
     top = max(p for _, p in measured)
     assert 0.97 * estimate <= top <= 1.03 * estimate  # the plan's model is the measured run

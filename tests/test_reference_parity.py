@@ -1,7 +1,7 @@
 """Our pipeline against the PRIS-CV reference DemoFusion pipeline itself (docs/parity.md).
 
 Skipped unless ``DEMOFUSION_REFERENCE`` names a copy of the reference's
-``pipeline_demofusion_sdxl.py`` kept outside this repository (docs/parity-reference.md says how
+``pipeline_demofusion_sdxl.py`` kept outside this repository (docs/parity.md says how
 to get it). Both pipelines run on the same tiny SDXL-like components (seeded random weights,
 fp32, CPU): the reference on the diffusers/transformers modules, ours on the diffusers folder they
 are saved to. Jitter is off (the reference's ``random.randint`` returns 0, ours
@@ -25,7 +25,7 @@ from tests.helpers import max_rel_err
 from tests.helpers import reference as R
 
 pytestmark = pytest.mark.skipif(R.reference_path() is None,
-                                reason=f"set ${R.ENV} to the reference file (docs/parity-reference.md)")
+                                reason=f"set ${R.ENV} to the reference file (docs/parity.md)")
 
 TOL = 1e-4  # max|Δ| / max|ref|, fp32, per step
 CFG = dict(prompt="a cat", height=3 * R.BASE, width=3 * R.BASE, num_inference_steps=4,

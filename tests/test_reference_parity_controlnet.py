@@ -1,6 +1,6 @@
 """reference_compat=True with ControlNets against the PRIS-CV ControlNet pipeline itself (issue 14,
 acceptance 4). Skipped unless ``DEMOFUSION_REFERENCE_CONTROLNET`` names a copy of the reference's
-``pipeline_demofusion_sdxl_controlnet.py`` kept outside this repository (docs/controlnet.md).
+``pipeline_demofusion_sdxl_controlnet.py`` kept outside this repository (docs/parity.md).
 
 Square targets (the reference breaks on others, its issue #32), jitter off, the same noises, fp32 on
 CPU; every step of every phase is compared. Its two failures are pinned too: guess mode with
@@ -15,7 +15,7 @@ from tests.helpers import reference as R
 from tests.helpers import reference_controlnet as C
 
 pytestmark = pytest.mark.skipif(C.reference_path() is None,
-                                reason=f"set ${C.ENV} to the reference ControlNet pipeline (docs/controlnet.md)")
+                                reason=f"set ${C.ENV} to the reference ControlNet pipeline (docs/parity.md)")
 TOL = 1e-4
 SIZE = 3 * R.BASE
 

@@ -10,7 +10,7 @@
   view_batch_size 1 and 16; on 2 gloo ranks (dpm++2m, unipc) every phase's latents equal the
   one-process run's ≤ 1e-5 (the thread count changes float rounding, so not bit for bit here).
 
-UniPC under the skip residual (docs/schedulers.md): its corrector moves the latent it is given by
+UniPC under the skip residual (docs/components.md): its corrector moves the latent it is given by
 the correction it makes to its own prediction, so the residual's change is kept; the transcription
 gives diffusers' UniPC that rule (``keep_caller_changes``), and without it the runs differ.
 Heun needs no rule: its corrector evaluation sees the residual like every evaluation, and its

@@ -1,4 +1,4 @@
-"""The browser UI (`demofusion ui`, docs/ui.md).
+"""The browser UI (`demofusion ui`, docs/cli.md).
 
 Without gradio: the CLI says how to install it, and nothing else imports gradio. The UI's runner
 (no browser): the page's values are checked by the pipeline's validation, runs write the CLI's

@@ -47,7 +47,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    """`demofusion ui`: the browser UI (docs/ui.md); gradio is imported only here."""
+    """`demofusion ui`: the browser UI (docs/cli.md, ui); gradio is imported only here."""
     # lazy: avoids the cycle cli → ui.app → cli.args (the UI sits above the CLI's helpers), and
     # keeps gradio out of every other command
     from ..ui import INSTALL_HINT, have_gradio

@@ -107,7 +107,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="how the steps are spread (default: the model's: leading for SDXL base, trailing for Turbo)")
     p.add_argument("--preset", choices=PRESET_NAMES,
                    help="sampler, spacing, steps, guidance (and upscale strength) as the model family's card says; "
-                        "flags given override it (docs/schedulers.md, Presets)")
+                        "flags given override it (docs/components.md, Presets)")
     p.add_argument("--vae", metavar="PATH", help="another VAE: a diffusers VAE folder or one .safetensors "
                    "(e.g. madebyollin/sdxl-vae-fp16-fix)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
@@ -119,14 +119,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="auto (default: float16 on cuda/mps, float32 on cpu), float32, float16 or bfloat16")
     p.add_argument("--max-memory", dest="max_memory", metavar="SIZE",
                    help="GPU memory budget, e.g. 8GB (10⁹ bytes), 8GiB or auto (the free memory): placement, view "
-                        "batch and VAE tiles are planned so every stage fits (docs/memory.md)")
+                        "batch and VAE tiles are planned so every stage fits (docs/big-images.md)")
     p.add_argument("--offload", choices=OFFLOAD, help="none (default), model (each component on the GPU only while "
                    "it works) or sequential (UNet weights stream through the GPU); default: --max-memory's pick")
     p.add_argument("--view-ranks", dest="view_ranks", type=int, metavar="N",
                    help="split each step's views as N ranks do (default: torchrun's rank count, else 1): one process "
-                        "with --view-ranks N writes the files of a run on N ranks, bit for bit (docs/distributed.md)")
+                        "with --view-ranks N writes the files of a run on N ranks, bit for bit (docs/big-images.md)")
     p.add_argument("--fp8", action="store_true", default=None,
-                   help="store the UNet's weights as fp8 (half the memory, small error: docs/fp8.md)")
+                   help="store the UNet's weights as fp8 (half the memory, small error: docs/big-images.md)")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help=f"torch.compile the UNet (MODE: {', '.join(COMPILE_MODES)}); compiling takes minutes, "
                         "then each step is faster")
@@ -209,7 +209,7 @@ def build_parser() -> Parser:
     i.add_argument("path")
     i.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
 
-    w = sub.add_parser("ui", help="the browser UI with live phase previews (needs pip install -e '.[ui]'; docs/ui.md)")
+    w = sub.add_parser("ui", help="the browser UI with live phase previews (needs pip install -e '.[ui]'; docs/cli.md)")
     w.add_argument("--model", default="tiny", help="a path, or the preset tiny (default); loaded once at startup")
     w.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")

@@ -1,4 +1,4 @@
-"""The command line's ControlNet flags (docs/controlnet.md): ControlNets to load, their control
+"""The command line's ControlNet flags (docs/cli.md, ControlNets): ControlNets to load, their control
 maps (ready files, or Canny edges computed with OpenCV), scales, guidance windows, guess mode.
 
 The maps go to the ControlNets in order: the Canny map (``--control canny``) first, then every

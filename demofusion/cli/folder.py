@@ -1,4 +1,4 @@
-"""A run's output folder (docs/cli.md, Output folders): held under an exclusive lock for the whole
+"""A run's output folder (docs/images.md, Output folders): held under an exclusive lock for the whole
 run, and written so that a failure leaves it as it was.
 
 - The lock: ``fcntl.flock`` on the hidden file ``.demofusion.lock`` in the folder, holding the

@@ -1,6 +1,6 @@
 """The files a run's pixels come from, by hash: recorded with every run (run.json, the PNG
 metadata) and compared with the files at hand when a run is replayed (``--from-image``: refused
-unless ``--ignore-hashes``, then a warning) or resumed (always refused) — docs/cli.md."""
+unless ``--ignore-hashes``, then a warning) or resumed (always refused) — docs/images.md."""
 
 from __future__ import annotations
 

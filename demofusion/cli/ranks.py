@@ -1,5 +1,5 @@
 """The command line under ``torchrun``: join the process group, one device per rank, and only
-rank 0 speaks and writes (docs/distributed.md). Outside torchrun nothing here does anything."""
+rank 0 speaks and writes (docs/big-images.md). Outside torchrun nothing here does anything."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SDXL ControlNet as a plain PyTorch module (diffusers weight names); docs/controlnet.md."""
+"""SDXL ControlNet as a plain PyTorch module (diffusers weight names); docs/components.md, ControlNet."""
 
 from .loading import infer_controlnet_config, load_controlnet
 from .model import ControlNet, ControlNetConditioningEmbedding, ControlNetConfig

@@ -1,4 +1,4 @@
-"""ControlNets in a DemoFusion run (docs/controlnet.md): the control arguments checked once
+"""ControlNets in a DemoFusion run (docs/components.md, ControlNet): the control arguments checked once
 (:func:`check_control` → :class:`Control`), each phase's control image (:meth:`Guide.phase_images`)
 and the ControlNets' residuals for a UNet call (:meth:`Guide.residuals`).
 

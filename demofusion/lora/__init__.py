@@ -1,5 +1,5 @@
 """LoRAs for SDXL: read kohya / A1111 and diffusers / PEFT files, fuse them into our modules,
-unload them exactly (docs/lora.md).
+unload them exactly (docs/components.md, LoRAs).
 
     from demofusion.lora import LoraStack, read_lora, fuse_lora
     modules = {"unet": pipe.unet, "text_encoder": pipe.text.text_encoder,

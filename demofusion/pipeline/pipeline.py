@@ -57,7 +57,7 @@ class DemoFusionPipeline:
                  device=None, controlnet=None):
         """``device``: where the work runs (default: where the UNet is); the components may wait
         elsewhere (e.g. in CPU memory): each run brings them as its offload policy says.
-        ``controlnet``: a ControlNet or a list of them (docs/controlnet.md), checked to fit the UNet."""
+        ``controlnet``: a ControlNet or a list of them (docs/api.md, ControlNets), checked to fit the UNet."""
         from ..controlnet.guide import check_fits
         from ..devices import resolve_device
 
@@ -96,7 +96,7 @@ class DemoFusionPipeline:
         ``max_memory`` / ``offload``: the defaults of every call (see ``__call__``); with either,
         or with ``fp8``, the weights are loaded into CPU memory and each run brings them to
         ``device`` as its plan says. ``fp8``: store the UNet's weights as float8_e4m3fn (half the
-        bytes; docs/fp8.md for the error it costs). ``controlnet``: a ControlNet folder or file, a
+        bytes; docs/benchmarks.md, fp8, for the error it costs). ``controlnet``: a ControlNet folder or file, a
         loaded module, ``"tiny"`` (random, fits the tiny preset), or a list of those, loaded in ``dtype``.
         """
         args = {k: v for k, v in locals().items() if k != "cls"}
@@ -106,7 +106,7 @@ class DemoFusionPipeline:
 
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Fuse a LoRA (kohya/A1111 or diffusers/PEFT ``.safetensors``) into the UNet and both text
-        encoders at ``scale`` (no per-step cost); several stack. Returns its name (docs/lora.md)."""
+        encoders at ``scale`` (no per-step cost); several stack. Returns its name (docs/components.md, LoRAs)."""
         return self.loras.load(self._lora_targets(), path, scale, name)
 
     def unload_lora(self, name: str | None = None) -> None:
@@ -122,7 +122,7 @@ class DemoFusionPipeline:
         lcm, tcd, or an A1111/ComfyUI spelling such as "DPM++ 2M Karras") on the model's own schedule:
         every option from the model's scheduler config (kept whole across switches), its timestep
         spacing unless ``timestep_spacing`` is given ("leading", "trailing", "linspace"), its σ unless
-        ``sigmas`` is "karras" or "exponential" (docs/schedulers.md); returns self."""
+        ``sigmas`` is "karras" or "exponential" (docs/components.md, Samplers); returns self."""
         from ..schedulers import by_name
 
         self.scheduler = by_name(name, self.scheduler, timestep_spacing, sigmas)
@@ -235,7 +235,7 @@ class DemoFusionPipeline:
         truncate_prompts: bool = False,
         **knobs,
     ) -> DemoFusionOutput:
-        """Generate ``height × width`` with DemoFusion. See docs/pipeline.md and docs/algorithm.md.
+        """Generate ``height × width`` with DemoFusion. See docs/api.md and docs/algorithm.md.
 
         Every argument is checked first (:meth:`validate`); a bad one raises a one-line
         :class:`~demofusion.errors.InputError`, and NaN/Inf appearing during the run a
@@ -243,7 +243,7 @@ class DemoFusionPipeline:
         DemoFusion's knobs: ``config`` (a :class:`~demofusion.DemoFusionConfig`, default its
         defaults), and each of its fields as a keyword overriding it (``stride=32``, ``sigma=0.6``,
         ``skip_residual=False`` …): their defaults, ranges and meaning are the config's fields
-        (docs/pipeline.md). ``guidance_scale`` ≤ 1: no classifier-free guidance.
+        (docs/api.md). ``guidance_scale`` ≤ 1: no classifier-free guidance.
         ``callback(phase, step, t, latents)`` after every step; ``on_phase_end(phase, image,
         latents)`` and ``preview_dir`` (writes ``phase_<k>.png``) as soon as a phase ends.
         ``resume_latents``: latents of phases already finished (phase 1 first); those phases are
@@ -253,21 +253,21 @@ class DemoFusionPipeline:
         ``phase_sizes``: phase k (1-based) dilates by k, as in the default schedule. ``force``:
         allow sizes beyond 16384 px and phase 1 under half the base size.
         ``max_memory`` (bytes, "8GB", "8GiB", "auto"): plan placement, view batch and VAE tiles so
-        every stage's estimated peak fits (:meth:`memory_plan`; docs/memory.md); ``offload``:
+        every stage's estimated peak fits (:meth:`memory_plan`; docs/big-images.md); ``offload``:
         "none", "model" or "sequential" (default "none", or the budget's pick). ``view_batch_size``:
         a given value is kept under a budget.
         ``distributed``: inside an initialised process group of several ranks, the views of each
-        step are shared among them, with the same result on every rank (docs/distributed.md).
+        step are shared among them, with the same result on every rank (docs/big-images.md).
         ``view_ranks``: split each step's views for this many ranks (default: the process group's
         size, 1 alone); one process with ``view_ranks=N`` computes what N ranks do, bit for bit.
         ControlNets (``controlnet=`` of the constructor): ``control_image`` (one per ControlNet, RGB in
         [0, 1] or a PIL image, any size: resized to each phase), ``controlnet_conditioning_scale``,
         ``control_guidance_start/end`` (fractions of the steps) and ``guess_mode``, as diffusers'
-        SDXL ControlNet pipeline names them, in every phase (docs/controlnet.md).
+        SDXL ControlNet pipeline names them, in every phase (docs/api.md, ControlNets).
         Prompts: longer than 75 tokens in 75-token chunks, A1111 weights ``(word:1.3)`` as compel
-        computes them (docs/prompts.md); ``truncate_prompts``: cut at 77 tokens, no weights (diffusers).
+        computes them (docs/components.md); ``truncate_prompts``: cut at 77 tokens, no weights (diffusers).
         ``num_inference_steps`` / ``guidance_scale`` None: the preset's, else 50 / 7.5.
-        ``preset``: a run preset (``fast``, ``lightning-4step``, ``lcm``, … docs/schedulers.md) setting
+        ``preset``: a run preset (``fast``, ``lightning-4step``, ``lcm``, … docs/components.md) setting
         the sampler, spacing, steps, guidance and knobs this call does not give. ``sampler``: this
         call's sampler by name ("dpm++2m", "DPM++ 2M Karras", …; with ``sigmas=`` and
         ``timestep_spacing=`` keywords), on the model's schedule; None: the pipeline's (or the preset's).

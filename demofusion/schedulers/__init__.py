@@ -1,4 +1,4 @@
-"""DDIM, Euler, Euler-ancestral, Heun, DPM-Solver++, UniPC, LCM and TCD samplers, written from the maths (see docs/schedulers.md).
+"""DDIM, Euler, Euler-ancestral, Heun, DPM-Solver++, UniPC, LCM and TCD samplers, written from the maths (see docs/components.md).
 
 Same method names as diffusers' schedulers, but ``step`` is stateless: it finds its step from the
 timestep on every call and returns the previous sample as a tensor, so DemoFusion can step every

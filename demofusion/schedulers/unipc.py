@@ -53,7 +53,7 @@ class UniPCMultistepScheduler(MultistepSolver):
     The corrector recomputes the previous step from the *previous* sample and x̂₀. It moves the
     sample it is given by the correction it makes to its own prediction (x_c − x_p), so a change a
     caller makes to the latent between steps (DemoFusion's skip residual) is kept; a caller that
-    passes back what ``step_at`` returned gets UniC's x_c exactly (docs/schedulers.md).
+    passes back what ``step_at`` returned gets UniC's x_c exactly (docs/components.md, "Stateful samplers").
     """
 
     _defaults = dict(SOLVER_COMMON, steps_offset=1, timestep_spacing="leading", beta_start=0.00085,

@@ -210,7 +210,7 @@ class TextEncoders:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds[B, 77, D1+D2], pooled[B, P])``; ``prompt_2`` (encoder 2) defaults to ``prompt``.
 
-        ``truncate=False``: A1111 weights and any length, ``[B, 77·n, D1+D2]`` (docs/prompts.md);
+        ``truncate=False``: A1111 weights and any length, ``[B, 77·n, D1+D2]`` (docs/components.md);
         plain prompts of at most 75 tokens still take the 77-token path (identical tensors).
         """
         p1 = _as_list(prompt, "prompt")

@@ -15,7 +15,7 @@
   masked out of attention (the chunk's BOS and last position stay visible), weighted the same way,
   and the result is ``(base + Σ tᵢ·maskedᵢ) / (1 + Σ tᵢ)`` with ``tᵢ = tan((1 − max(wᵢ, 1e-5))·π/2)``.
 
-See docs/prompts.md.
+See docs/components.md, "Long and weighted prompts".
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ transformers ≥ 5, which is what diffusers' SDXL pipelines call) does to a prom
    tokenizer 2 (pad ``!``) every ``!`` of a prompt is token 0, never part of a BPE word;
 2. every other span is normalised: Unicode NFC, each run of whitespace → one space,
    lower-cased character by character (no ftfy, no HTML unescaping — transformers ≥ 5 does
-   neither; see docs/text.md);
+   neither; see docs/components.md, "Text encoders and tokenizer");
 3. split with CLIP's regex (letters runs, single digits, punctuation runs, ``'s`` …), each
    piece split again with GPT-2's byte-level regex, mapped byte → printable unicode;
 4. BPE with CLIP's merges (``</w>`` marks the end of a word); unknown symbols → ``<|endoftext|>``;

@@ -1,4 +1,4 @@
-"""The browser UI: `demofusion ui` (docs/ui.md). Needs gradio (``pip install -e '.[ui]'``).
+"""The browser UI: `demofusion ui` (docs/cli.md, ui). Needs gradio (``pip install -e '.[ui]'``).
 
 Importing this package does not import gradio; :func:`build_app` and :func:`launch` do.
 """

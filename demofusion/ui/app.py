@@ -1,7 +1,7 @@
 """The browser UI's page (gradio): layout and events only — the work is :mod:`demofusion.ui.runner`'s
 (checks, parameters) and :mod:`demofusion.ui.worker`'s (the run).
 
-``build_app(pipe_or_model)`` → a ``gr.Blocks``; ``launch(...)`` serves it (docs/ui.md). One
+``build_app(pipe_or_model)`` → a ``gr.Blocks``; ``launch(...)`` serves it (docs/cli.md, ui). One
 generation at a time (the queue's ``default_concurrency_limit=1``); the model is loaded once.
 """
 

@@ -4,7 +4,7 @@ The DemoFusion knobs' controls, labels, help and ranges are generated from the f
 :class:`~demofusion.config.DemoFusionConfig` (:func:`control_spec`, :func:`page_value`), so the
 page offers and refuses exactly what the command line does; their help is the reference's
 (PRIS-CV/DemoFusion, its README and pipeline docstring). The rest in this project's words
-(docs/pipeline.md, docs/memory.md). No gradio here: the names also turn the pipeline's one-line
+(docs/api.md, docs/big-images.md). No gradio here: the names also turn the pipeline's one-line
 errors into the page's words.
 """
 
@@ -52,7 +52,7 @@ HELP = {
                       f"guidance off and halves the work. 0 … {GUIDANCE_MAX:g}.",
     "seed": "The same seed and settings give the same picture (the PNG records them all).",
     "max_memory": "GPU memory budget, e.g. 8GiB, 8GB or auto: placement, view batch and VAE tiles are planned so "
-                  "every stage fits (docs/memory.md). Empty: no budget.",
+                  "every stage fits (docs/big-images.md). Empty: no budget.",
     "picture": "The picture to upscale: it replaces phase 1, then DemoFusion upscales it phase by phase.",
     "scale": "Target = the picture's size × Scale (rounded to multiples of 8).",
     "size_from_picture": "Off: use Height and Width instead.",
@@ -66,7 +66,7 @@ HELP = {
     "control_end": "The fraction of the steps after which the ControlNet stops acting.",
     "guess_mode": "The ControlNet sees only the conditional half (diffusers' guess mode); try with an empty prompt.",
     "control_upscale": "Also start from the picture (image to image), as the reference's ControlNet img2img demo.",
-    "sampler": "The sampler, by its A1111 name, on the model's own schedule (docs/schedulers.md); the PNG records "
+    "sampler": "The sampler, by its A1111 name, on the model's own schedule (docs/components.md); the PNG records "
                "it. Model's own: the scheduler the model (or the app's --scheduler) brings.",
 }
 

@@ -163,7 +163,7 @@ def seed_of(text) -> int:
     return int(value)
 
 
-SEED_MAX = 2**64 - 1  # the pipeline's range (docs/pipeline.md)
+SEED_MAX = 2**64 - 1  # the pipeline's range (docs/api.md)
 
 
 def _prepare(model: Model, page: Page) -> Plan:

@@ -15,7 +15,7 @@ OVERFLOW_POLICIES = ("upcast", "raise")
 
 
 class FP16OverflowError(FloatingPointError):
-    """The VAE produced NaN/inf in float16 (the released SDXL VAE does; see docs/vae.md)."""
+    """The VAE produced NaN/inf in float16 (the released SDXL VAE does; see docs/components.md, VAE)."""
 
 
 def _norm(channels: int, cfg: VAEConfig) -> nn.GroupNorm:

@@ -105,7 +105,7 @@ def transcription(pipe, prompt, height, width, steps, guidance, seed, stride, a1
     """Per-step latents {(phase, step): z} of docs/algorithm.md with jitter off, drawing noise in the
     pipeline's documented order (phase generators from the seed; ε_k; one canvas noise per step
     for stochastic samplers). ``control``: dict(nets, images, scales, starts, ends, guess): the
-    ControlNet default mode of docs/controlnet.md (each phase's image from the original; crops
+    ControlNet default mode of docs/components.md (each phase's image from the original; crops
     per window, edge-padded; s×s box averages per dilated sub-latent).
 
     ``whole_latent``: instead of the paper's order (every view stepped, the stepped views merged

@@ -1,7 +1,7 @@
 """Run the PRIS-CV reference DemoFusion pipeline (never vendored) on tiny diffusers components.
 
 The reference file ``pipeline_demofusion_sdxl.py`` lives *outside* this repository; its path is
-given by the ``DEMOFUSION_REFERENCE`` environment variable (see docs/parity-reference.md). It is
+given by the ``DEMOFUSION_REFERENCE`` environment variable (see docs/parity.md). It is
 imported as-is from that path; only the runtime is adapted, without editing the file:
 
 - ``matplotlib`` (imported at module level, used only by ``show_image=True``) is stubbed if absent;
@@ -48,7 +48,7 @@ def reference_path(env: str = ENV) -> Path | None:
         return None
     p = Path(p).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"${env}={p} is not a file; see docs/parity-reference.md and docs/controlnet.md "
+        raise FileNotFoundError(f"${env}={p} is not a file; see docs/parity.md "
                                 "to fetch it")
     return p
 
@@ -382,7 +382,7 @@ def first_divergence(got: list, want: list, tol: float = 1e-4):
 
 # ---------------------------------------------------------------- report ------------------------
 def report(height: int = 3 * BASE, width: int = 3 * BASE, steps: int = 4) -> None:
-    """Print the per-phase errors docs/parity-reference.md quotes.
+    """Print the per-phase errors docs/parity.md quotes.
 
     ``DEMOFUSION_REFERENCE=/path/to/pipeline_demofusion_sdxl.py python -m tests.helpers.reference``
     """
@@ -390,7 +390,7 @@ def report(height: int = 3 * BASE, width: int = 3 * BASE, steps: int = 4) -> Non
 
     path = reference_path()
     if path is None:
-        raise SystemExit(f"set ${ENV} to the reference file (docs/parity-reference.md)")
+        raise SystemExit(f"set ${ENV} to the reference file (docs/parity.md)")
     cfg = dict(prompt="a cat", height=height, width=width, num_inference_steps=steps,
                guidance_scale=7.5, stride=8, sigma=0.8, cosine_scale_1=3.0, cosine_scale_2=1.0,
                cosine_scale_3=1.0, multi_decoder=True)

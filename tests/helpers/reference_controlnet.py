@@ -1,10 +1,10 @@
 """Run the PRIS-CV reference DemoFusion ControlNet pipeline (never vendored) on tiny components.
 
 ``pipeline_demofusion_sdxl_controlnet.py`` lives outside this repository; ``DEMOFUSION_REFERENCE_CONTROLNET``
-names it (docs/controlnet.md). It is imported and adapted at runtime exactly as the plain reference
+names it (docs/parity.md). It is imported and adapted at runtime exactly as the plain reference
 (tests/helpers/reference.py: no jitter, given upscale noises, the tiny base's size check).
 
-``python -m tests.helpers.reference_controlnet`` prints the per-phase errors docs/controlnet.md quotes.
+``python -m tests.helpers.reference_controlnet`` prints the per-phase errors docs/parity.md quotes.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def report(size: int = 3 * R.BASE, steps: int = 4) -> None:
     import tempfile
 
     if reference_path() is None:
-        raise SystemExit(f"set ${ENV} to the reference ControlNet pipeline file (docs/controlnet.md)")
+        raise SystemExit(f"set ${ENV} to the reference ControlNet pipeline file (docs/parity.md)")
     with tempfile.TemporaryDirectory() as tmp:
         mod, (pipe,), paths = setup(tmp, 1)
         lat, ups = R.noises(size, size, seed=1)
