@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-PKG = pathlib.Path(__file__).resolve().parents[1] / "demofusion"
+PKG = pathlib.Path(__file__).resolve().parents[2] / "demofusion"
 FORBIDDEN = {"diffusers", "transformers", "open_clip"}
 # The one exception: `demofusion evaluate`'s CLIP score (optional [eval] extra) hands torchmetrics'
 # CLIPScore a transformers CLIP, imported inside the loader only (never at import time: see below).

@@ -1,6 +1,6 @@
 """Full-size SDXL UNet (2.57 B parameters, random weights) against diffusers, fp32 on CPU.
 
-Slow (~10 GB RAM, minutes on 2 cores): ``flock /tmp/df-bigmem.lock pytest --runslow tests/test_unet_full.py``.
+Slow (~10 GB RAM, minutes on 2 cores): ``flock /tmp/df-bigmem.lock pytest --runslow tests/parity/test_unet_full_size_vs_diffusers.py``.
 The two models share one copy of the weights (ours is built on the meta device and loaded with
 the same tensors through the loader's ``build_and_load``), so the peak is one model, not two.
 """

@@ -386,7 +386,7 @@ def test_bad_input_errors(name):
                      ("interpolation_type", "log_linear")):
         with pytest.raises(ValueError, match=f"{key}={val!r} is not supported"):
             cls.from_config(dict(S.SDXL_BASE_CONFIG, **{key: val}))
-    if name != "EulerDiscreteScheduler":  # Euler takes Karras and exponential σ (tests/test_samplers.py)
+    if name != "EulerDiscreteScheduler":  # Euler takes Karras and exponential σ (tests/parity/test_samplers_vs_diffusers.py)
         for key in ("use_karras_sigmas", "use_exponential_sigmas"):
             with pytest.raises(ValueError, match=f"{key}=True is not supported"):
                 cls.from_config(dict(S.SDXL_BASE_CONFIG, **{key: True}))

@@ -36,7 +36,7 @@ from tests.helpers.pipeline import record_steps, small_pipeline, transcription
 
 SDXL_TOL = 1e-4  # max|Δ| / max|ref| of the latents after every evaluation, ours vs diffusers' pipeline
 LOOP_TOL = 1e-5  # the same against the loop transcription (and 2 ranks against one process)
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parents[1] / "helpers"
 
 
 def diffusers_scheduler(name: str, config):
@@ -181,7 +181,7 @@ def test_multistep_samplers_on_two_gloo_ranks_equal_one_process(ones, tmp_path):
     names = ["dpm++2m", "unipc"]
     call = {k: v for k, v in RUN.items() if k != "prompt"} | dict(view_batch_size=3, view_jitter=False,
                                                                   output_type="latent")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(HELPERS / "dist_api.py"), ",".join(names), str(tmp_path), json.dumps(call)],
                        capture_output=True, text=True, timeout=300, env=env)

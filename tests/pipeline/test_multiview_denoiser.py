@@ -18,7 +18,7 @@ from demofusion.pipeline import DemoFusionPipeline, Mechanisms, view_layout
 from tests.helpers import max_rel_err
 from tests.helpers.pipeline import small_pipeline
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parents[1] / "helpers"
 RUN = dict(prompt="a castle", height=384, width=256, num_inference_steps=3, seed=5, stride=8,
            output_type="latent")  # 3 phases of the 128-px tiny UNet
 
@@ -60,7 +60,7 @@ def test_a_multistep_sampler_gives_the_same_latents_for_every_view_batch():
 
 
 def test_a_multistep_sampler_on_two_gloo_ranks_equals_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     subprocess.run([sys.executable, HELPERS / "dist_api.py", "ab2", tmp_path / "one", "2"], check=True, env=env,

@@ -4,7 +4,7 @@
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [*ROOT.glob("demofusion/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py"),
            *ROOT.glob("docs/**/*.md"), ROOT / "README.md", *ROOT.glob("weights/*.md")]
 SOURCES = [f for f in SOURCES if f != Path(__file__).resolve()]  # this file names missing ones on purpose

@@ -134,7 +134,7 @@ def test_long_and_weighted_prompts_reach_the_unet(tmp_path):
 # ---- LoRAs through the pipeline and the CLI (the fusing itself: test_lora.py) ----------------------
 @pytest.fixture(scope="module")
 def tiny_loras(tmp_path_factory):
-    from tests.test_lora import lora_targets, random_factors, write_kohya
+    from tests.lora.test_load_fuse_unload import lora_targets, random_factors, write_kohya
 
     pipe = df.DemoFusionPipeline.from_pretrained("tiny", device="cpu")
     targets = lora_targets(pipe._lora_targets())

@@ -132,7 +132,7 @@ def test_a_write_failing_between_latents_and_picture_is_finished_by_resume(finis
 # ---- 3: one run per folder --------------------------------------------------------------------------
 def test_a_second_run_into_a_busy_folder_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "busy"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, "-m", "demofusion", "generate", *SMALL, "--steps", "3", "--out", str(out)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

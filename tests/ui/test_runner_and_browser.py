@@ -24,7 +24,7 @@ from demofusion.cli import main
 from demofusion.errors import InputError
 from demofusion.outputs import read_png_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = ROOT / "docs" / "images" / "ui.png"
 
@@ -151,7 +151,7 @@ def test_runner_records_the_apps_lora_and_sampler(tmp_path):
     run's metadata, and `--from-image` reproduces the picture with them."""
     import demofusion as df
     from demofusion.ui.runner import load_model
-    from tests.test_lora import lora_targets, random_factors, write_kohya
+    from tests.lora.test_load_fuse_unload import lora_targets, random_factors, write_kohya
 
     targets = lora_targets(df.DemoFusionPipeline.from_pretrained("tiny", device="cpu")._lora_targets())
     lora = write_kohya(tmp_path / "style.safetensors", random_factors(targets, seed=3))

@@ -1,5 +1,5 @@
 """Same seed, same bits on a GPU (issue 23): the CUDA determinism guard, the deterministic view
-merge, and whole runs on fake CUDA (tests/helpers/determinism.py; fake CUDA: tests/test_fake_cuda.py).
+merge, and whole runs on fake CUDA (tests/helpers/determinism.py; fake CUDA: tests/pipeline/test_fake_cuda.py).
 
 What each whole-run test asserts is written in its name and docstring: no CUDA-nondeterministic
 op in a whole run, and no blocking host→device copy in a step (the phase's random numbers drawn

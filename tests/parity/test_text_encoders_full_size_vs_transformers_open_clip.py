@@ -1,6 +1,6 @@
 """Full-size SDXL text encoders (random weights) against transformers and open_clip.
 
-Slow (~7 GB of RAM, about a minute): ``flock /tmp/df-bigmem.lock pytest --runslow tests/test_text_full.py``.
+Slow (~7 GB of RAM, about a minute): ``flock /tmp/df-bigmem.lock pytest --runslow tests/parity/test_text_encoders_full_size_vs_transformers_open_clip.py``.
 """
 
 import pytest
