@@ -123,6 +123,7 @@ def test_upscale_strength_one_is_the_paper(pipe):
 
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("sampler,steps", [("euler", [4, 4]), ("dpm++2m", [3, 5])])
 def test_half_strength_runs_half_the_steps_and_equals_the_transcription(pipe, sampler, steps):
     """upscale_strength=0.5: phase 2 runs the last ⌊n/2 + ½⌋ of its n steps (two UNet calls a step

@@ -83,6 +83,7 @@ ONE_PHASE = {
 }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", ONE_PHASE)
 def test_one_phase_equals_diffusers_controlnet_pipeline(diffusers_setup, case):
     from tests.helpers import reference as R
@@ -123,6 +124,7 @@ def small():
     return pipe, nets
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", MULTI)
 def test_per_step_latents_equal_loop_transcription(small, case):
     base, nets = small

@@ -63,6 +63,7 @@ def fidelity(files, ours):
             "crop": library(crops / "images", crops / "reference", 6, 3)}
 
 
+@pytest.mark.parity
 def test_fid_kid_is_and_crop_variants_equal_torch_fidelity(ours, fidelity, files):
     r, crops = ours
     for suffix, lib in (("", fidelity["whole"]), ("_crop", fidelity["crop"])):
@@ -81,6 +82,7 @@ def test_fid_kid_is_and_crop_variants_equal_torch_fidelity(ours, fidelity, files
     assert p["versions"]["torch-fidelity"] and json.dumps(r)  # JSON-clean
 
 
+@pytest.mark.parity
 def test_torchmetrics_backend_equals_torchmetrics(files):
     from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.inception import InceptionScore
@@ -111,6 +113,7 @@ def test_torchmetrics_backend_equals_torchmetrics(files):
     assert "antialias" in r["protocol"]["resize"]
 
 
+@pytest.mark.parity
 def test_clip_score_equals_torchmetrics_and_reads_prompts_from_our_metadata(files, tmp_path):
     from PIL import Image
     from torchmetrics.multimodal.clip_score import CLIPScore

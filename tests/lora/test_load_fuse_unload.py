@@ -240,6 +240,7 @@ CASES = {
     "diffusers-old": ("tiny", lambda p, f: write_diffusers_old(p, f), ("unet",), 0.6),
 }
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_diffusers(case, request, tmp_path):
     """Ours = diffusers + PEFT, for each layout (alphas: see random_factors)."""

@@ -63,6 +63,7 @@ def test_kind_and_scheduler_come_from_the_file_name(checkpoint):
     assert pipe.unet.dtype == torch.float32
 
 
+@pytest.mark.parity
 def test_every_component_matches_its_reference(checkpoint):
     pipe = checkpoint["pipe"]
     inputs = unet_inputs(UNET_CONFIG, batch=2, h=16, w=24)

@@ -28,6 +28,7 @@ def diffusers_of(name, cfg):
     return getattr(diffusers, cls).from_config(full)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_every_pair_of_samplers_keeps_the_model_config(cfg):
     model = CONFIGS[cfg]
@@ -53,6 +54,7 @@ def test_every_pair_of_samplers_keeps_the_model_config(cfg):
         assert torch.allclose(direct.timesteps.double(), ref.timesteps.double()), b
 
 
+@pytest.mark.parity
 def test_ddim_from_sdxl_base_config_equals_diffusers():
     """Acceptance 7: by name, also after another sampler and via the pipeline's set_scheduler."""
     ref = diffusers.DDIMScheduler.from_config(S.SDXL_BASE_CONFIG)

@@ -192,6 +192,7 @@ def test_corpus_is_long_and_weighted(setup):
     assert any(w > 1 for w in crossing) and any(w < 1 for w in crossing)  # spans cut by a chunk boundary
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("i", range(len(CORPUS)))
 def test_matches_compel_one_prompt(setup, i):
     ours, _ = setup
@@ -205,6 +206,7 @@ def test_matches_compel_one_prompt(setup, i):
     assert_close_rel(pooled, want_pooled, 1e-5, "pooled")
 
 
+@pytest.mark.parity
 def test_matches_compel_batch_with_negatives(setup):
     """A batch of all prompts with negatives of other lengths: every row padded to the longest."""
     ours, _ = setup
@@ -219,6 +221,7 @@ def test_matches_compel_batch_with_negatives(setup):
         assert_close_rel(a, w, 1e-5)
 
 
+@pytest.mark.parity
 def test_matches_compel_prompt_2_and_short_negative(setup):
     """prompt_2 of another length: the shorter encoder is padded with its own empty chunks."""
     ours, _ = setup
@@ -233,6 +236,7 @@ def test_matches_compel_prompt_2_and_short_negative(setup):
         assert_close_rel(a, w, 1e-5)
 
 
+@pytest.mark.parity
 def test_sentence_split_matches_compel_default(setup):
     """split="sentences" is compel's default chunking (last '.' / ',' / word end of each 75)."""
     ours, _ = setup
@@ -251,6 +255,7 @@ def test_sentence_split_matches_compel_default(setup):
     assert_close_rel(pooled, want_pooled, 1e-5)
 
 
+@pytest.mark.parity
 def test_compel_public_wrapper(setup):
     """compel's own CompelForSDXL on compel syntax written from our fragments gives our result."""
     pytest.importorskip("compel")
@@ -290,6 +295,7 @@ SHORT = {
 }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", list(SHORT))
 def test_short_plain_prompts_bit_identical_and_match_diffusers(setup, case):
     pytest.importorskip("diffusers")

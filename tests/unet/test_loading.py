@@ -27,6 +27,7 @@ def tiny_ref():
 
 # --- single-file (SGM) layout ------------------------------------------------------------------
 
+@pytest.mark.parity
 def test_sgm_map_agrees_with_diffusers_converter_on_real_sdxl():
     """For the full SDXL structure (meta tensors): our SGM names, fed to diffusers' own converter,
     come back as the very same tensors under the same names; and our converter inverts them."""
@@ -43,6 +44,7 @@ def test_sgm_map_agrees_with_diffusers_converter_on_real_sdxl():
     assert infer_config(ours, kind="sdxl-turbo") == UNetConfig.preset("sdxl-turbo")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", ["tiny", "mid"])
 def test_single_file_matches_diffusers_converter(tmp_path, name, monkeypatch):
     from diffusers import UNet2DConditionModel

@@ -36,6 +36,7 @@ def _check_parity(ours, ref, x, z, what):
 
 
 # ---- 1. keys and shapes ------------------------------------------------------------------------
+@pytest.mark.parity
 def test_sdxl_keys_and_shapes_equal_diffusers_on_meta():
     from diffusers import AutoencoderKL as Ref
 
@@ -50,6 +51,7 @@ def test_sdxl_keys_and_shapes_equal_diffusers_on_meta():
     assert ours.scaling_factor == 0.13025 and ours.scale_factor == 8
 
 
+@pytest.mark.parity
 def test_tiny_preset_matches_diffusers_tiny():
     from tests.helpers.vae import TINY_VAE_CONFIG
 
@@ -66,6 +68,7 @@ def test_config_rejects_other_architectures():
 
 
 # ---- 2. fp32 parity ----------------------------------------------------------------------------
+@pytest.mark.parity
 def test_tiny_fp32_parity_non_square(tmp_path):
     ref = diffusers_vae("tiny", seed=1)
     ref.save_pretrained(tmp_path / "vae")
@@ -77,6 +80,7 @@ def test_tiny_fp32_parity_non_square(tmp_path):
     assert_close_rel(ours.encode(x).sample(g1), ref.encode(x).latent_dist.sample(g2), what="sample")
 
 
+@pytest.mark.parity
 def test_sdxl_shaped_fp32_parity_small_non_square(tmp_path):
     ref = diffusers_vae("sdxl", seed=2)
     ref.save_pretrained(tmp_path / "vae")
@@ -117,6 +121,7 @@ def test_deprecated_diffusers_attention_names_load(tmp_path):
 
 
 # ---- 3. single file ------------------------------------------------------------------------------
+@pytest.mark.parity
 @pytest.mark.parametrize("name", ["tiny", "sdxl"])
 def test_single_file_keys_load_and_match_diffusers_converter(tmp_path, name):
     src = diffusers_vae(name, seed=5)
@@ -217,6 +222,7 @@ def test_fp16_fixed_weights_run_in_fp16_without_upcast(tmp_path):
     assert_close_rel(mean, expect.encode(x.half().float()).mean, tol=2e-2, what="fp16 encode")
 
 
+@pytest.mark.parity
 def test_save_vae_writes_a_folder_diffusers_loads(tmp_path):
     from diffusers import AutoencoderKL as Ref
 

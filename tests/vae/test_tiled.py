@@ -200,6 +200,7 @@ def _transcribed_reference_tiled_decode(vae, latents, current_height, current_wi
     return image / count
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("h,w,sample_size,lowvram,extra", [
     (12, 18, 16, False, (5, 3)),  # non-square phase: the reference's canvas is a few px larger
     (8, 14, 16, True, (0, 7)),
