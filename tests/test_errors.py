@@ -1,4 +1,4 @@
-"""Errors in the words of the front end that shows them (issue 21, item 15).
+"""Errors in the words of the front end that shows them.
 
 The pipeline's messages name its Python arguments; the CLI and the browser UI each map them to their
 own words from one table (demofusion.errors.reword). A front end never advises a setting it lacks

@@ -1,4 +1,4 @@
-"""View parallelism across processes (issues 13 and 23): torchrun with gloo on the CPU.
+"""View parallelism across processes: torchrun with gloo on the CPU.
 
 Each step's views are split so that every rank has ⌈views / N⌉ of them (phase 1: a CFG half
 each); every chunk runs on one rank and the predictions are all-gathered, so the result must

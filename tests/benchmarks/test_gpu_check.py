@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py (issue 23, acceptance 5): its ``--smoke`` run on the CPU writes every
+"""benchmarks/gpu_check.py: its ``--smoke`` run on the CPU writes every
 section's figures, and without a GPU the real check stops with one clear line."""
 
 import json

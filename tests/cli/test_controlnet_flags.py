@@ -1,4 +1,4 @@
-"""The command line's ControlNet flags (issue 14): --controlnet, --control-image, --control canny
+"""The command line's ControlNet flags: --controlnet, --control-image, --control canny
 (OpenCV), scales, windows and guess mode recorded with the run and replayed by --from-image; errors
 said in one line before any weights load."""
 

@@ -1,4 +1,4 @@
-"""Issue 21, "lost or mixed work" and "replays that reproduce something else": what a user sees
+"""No lost or mixed work and no replay that reproduces something else: what a user sees
 (exit code, exactly one `error:` line, no traceback) and the output folder, byte for byte.
 
 Every check runs before anything is deleted or written (a late one leaves the folder as it was);
@@ -75,7 +75,7 @@ def lora(tmp_path_factory):
     return path
 
 
-# ---- 1, 4: a late check never costs the old run ---------------------------------------------------
+# ---- a late check never costs the old run ---------------------------------------------------------
 @pytest.mark.parametrize("trigger", ["budget", "nan-scale"])
 def test_overwrite_keeps_the_old_run_when_a_check_fails(finished, lora, tmp_path, capsys, trigger):
     a = tmp_path / "A"
@@ -98,7 +98,7 @@ def test_too_small_budget_writes_nothing_and_speaks_cli_on_the_cpu(tmp_path, cap
     assert (out / "phase_2.png").is_file()
 
 
-# ---- 2: every "final image" exists ----------------------------------------------------------------
+# ---- every "final image" exists -------------------------------------------------------------------
 def test_resume_decodes_a_missing_picture_again(finished, tmp_path, capsys):
     r = tmp_path / "r"
     shutil.copytree(finished, r)
@@ -129,7 +129,7 @@ def test_a_write_failing_between_latents_and_picture_is_finished_by_resume(finis
     assert np.array_equal(pixels(out / "phase_2.png"), pixels(finished / "phase_2.png"))
 
 
-# ---- 3: one run per folder --------------------------------------------------------------------------
+# ---- one run per folder -----------------------------------------------------------------------------
 def test_a_second_run_into_a_busy_folder_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "busy"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
@@ -151,7 +151,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_holder(tmp_path, 
     assert main(["generate", "--resume", str(out), "--no-progress"]) == 0  # one run's files: resumable
 
 
-# ---- 5: an edited run.json ------------------------------------------------------------------------
+# ---- an edited run.json ---------------------------------------------------------------------------
 def test_resume_refuses_an_edited_run_json(tmp_path, capsys):
     out = tmp_path / "e"
     assert main(["generate", *SMALL, "--out", str(out), "--stop-after-phase", "1"]) == 0
@@ -163,7 +163,7 @@ def test_resume_refuses_an_edited_run_json(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-# ---- 6: replays compare every recorded hash ---------------------------------------------------------
+# ---- replays compare every recorded hash ------------------------------------------------------------
 def test_from_image_refuses_changed_files_unless_told(tmp_path, lora, capsys):
     photo, style = tmp_path / "photo.png", tmp_path / "style.safetensors"
     rng = np.random.default_rng(0)
@@ -196,7 +196,7 @@ def test_from_image_refuses_changed_files_unless_told(tmp_path, lora, capsys):
     assert "error:" not in capsys.readouterr().err
 
 
-# ---- 14: every line of a --prompts file is checked first --------------------------------------------
+# ---- every line of a --prompts file is checked first ------------------------------------------------
 def test_prompts_batch_checks_every_line_and_seed_first(tmp_path, capsys):
     f = tmp_path / "p.txt"
     f.write_text("# two prompts\na lighthouse\n\na castle\n")
@@ -207,7 +207,7 @@ def test_prompts_batch_checks_every_line_and_seed_first(tmp_path, capsys):
     assert not out.exists()  # no image, no manifest
 
 
-# ---- 10: a full disk --------------------------------------------------------------------------------
+# ---- a full disk ------------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
     d = tmp_path / "disk"

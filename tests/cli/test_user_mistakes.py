@@ -1,6 +1,7 @@
-"""What a new user still broke (issue 21, items 7–11, 13, 16 and the smaller ones): each case is the
-outcome the user sees — exit code, exactly one `error:` line (none for a closed pipe), no traceback,
-nothing written — on the tiny model and tiny files."""
+"""What a new user broke (a tiny σ, NaN, closed pipes, ASCII terminals, bad LoRA scales and files,
+replayed PNG fields, `inspect`, float16 on the CPU, …): each case is the outcome the user sees —
+exit code, exactly one `error:` line (none for a closed pipe), no traceback, nothing written — on
+the tiny model and tiny files."""
 
 import io
 import os
@@ -30,7 +31,7 @@ def one_error(capsys, argv, *words, code=2) -> str:
     return lines[0]
 
 
-# ---- 8: a tiny σ is the limit (no blur), never NaN ----------------------------------------------
+# ---- a tiny σ is the limit (no blur), never NaN -------------------------------------------------
 @pytest.mark.parametrize("std", [1e-30, 1e-200, torch.tensor(1e-30), torch.tensor(1e-44)])
 def test_tiny_sigma_kernel_is_the_identity(std):
     from demofusion.ops.blur import gaussian_blur, gaussian_kernel1d
@@ -56,7 +57,7 @@ def test_nan_message_does_not_only_blame_the_weights():
     assert cause.index("setting") < cause.index("weights")
 
 
-# ---- 10: closed pipe, ASCII terminals ------------------------------------------------------------
+# ---- closed pipe, ASCII terminals ----------------------------------------------------------------
 @pytest.mark.parametrize("argv, unbuffered", [("generate --dry-run --height 512 --width 512", "1"), ("inspect tiny", "")])
 def test_closed_pipe_exits_quietly(tmp_path, argv, unbuffered):
     # `| true`: the reader is gone before the first write (`| head -1` with a slower reader)
@@ -81,7 +82,7 @@ def test_ascii_terminal_gets_x_for_times(monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "100000x100000 px" in lines[0], lines
 
 
-# ---- 11: a bad DEMOFUSION_DIST_TIMEOUT -----------------------------------------------------------
+# ---- a bad DEMOFUSION_DIST_TIMEOUT ---------------------------------------------------------------
 def test_bad_dist_timeout_never_breaks_version_and_is_one_line_in_a_run(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("DEMOFUSION_DIST_TIMEOUT", "abc")
     assert main(["--version"]) == 0 and "demofusion" in capsys.readouterr().out
@@ -130,7 +131,7 @@ UNET = "tiny-model/unet/diffusion_pytorch_model.safetensors"
 DRY = ["generate", "--dry-run", "--height", "512", "--width", "512"]
 
 
-# ---- 7: LoRA scales and LoRA values ----------------------------------------------------------------
+# ---- LoRA scales and LoRA values -------------------------------------------------------------------
 @pytest.mark.parametrize("scale", ["nan", "inf", "1e30", "-11"])
 def test_lora_scale_outside_the_range_is_refused_before_anything(files, capsys, tmp_path, scale):
     d, _, _ = files
@@ -163,7 +164,7 @@ def test_nan_lora_file_is_one_line_from_the_cli(files, capsys, tmp_path):
               "nan.safetensors", "NaN/Inf", "re-download")
 
 
-# ---- 10 and 13: each flag gets what it takes, said before any weights load ------------------------
+# ---- each flag gets what it takes, said before any weights load -----------------------------------
 @pytest.mark.parametrize("argv, words", [
     (["--model", "{d}/etc", "--height", "1024", "--width", "1024"], ["--model {d}/etc", "without weights", "diffusers folder"]),
     (["--model", "{d}/only-unet"], ["--model", "no vae/ folder"]),
@@ -238,7 +239,7 @@ def test_replayed_png_fields_are_untrusted_input(files, capsys, tmp_path, fields
     assert source.read_bytes() == before and not (tmp_path / "o").exists()
 
 
-# ---- 9: inspect checks what loading checks, and says what a file is ---------------------------------
+# ---- inspect checks what loading checks, and says what a file is ------------------------------------
 def test_inspect_tiny(capsys):
     assert main(["inspect", "tiny"]) == 0
     out = capsys.readouterr().out

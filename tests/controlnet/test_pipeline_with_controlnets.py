@@ -1,4 +1,4 @@
-"""ControlNets in the DemoFusion pipeline (issue 14, acceptance 3–5).
+"""ControlNets in the DemoFusion pipeline.
 
 * one phase (target = base size) equals diffusers' StableDiffusionXLControlNetPipeline on the same
   tiny components, noise and Euler scheduler: one and two ControlNets, guess mode, scale and window;
@@ -31,7 +31,7 @@ def control_images(n: int, height: int, width: int, seed: int = 5) -> list[torch
     return [torch.rand(1, 3, height, width, generator=g) for _ in range(n)]
 
 
-# ---- acceptance 3: one phase equals diffusers' SDXL ControlNet pipeline -------------------------
+# ---- one phase equals diffusers' SDXL ControlNet pipeline -------------------------
 @pytest.fixture(scope="module")
 def diffusers_setup(tmp_path_factory):
     pytest.importorskip("diffusers")
@@ -107,7 +107,7 @@ def test_one_phase_equals_diffusers_controlnet_pipeline(diffusers_setup, case):
     assert max_rel_err(off[(1, steps - 1)], want[-1]) > 20 * max(max(errs), 1e-6)
 
 
-# ---- acceptance 4: several phases equal the loop transcription of the default mode ------------
+# ---- several phases equal the loop transcription of the default mode ------------
 MULTI = {
     "square, one": (256, 256, 1, dict(), 7.5),
     "1:2, one, guess": (128, 256, 1, dict(guess=True), 7.5),
@@ -216,7 +216,7 @@ def test_reference_compat_runs_with_controlnets(small):
     assert torch.isfinite(a).all() and max_rel_err(a, b) > 1e-3
 
 
-# ---- acceptance 5: bad input, one line each ------------------------------------------------------
+# ---- bad input, one line each ------------------------------------------------------
 def _one_line(excinfo, *words):
     msg = str(excinfo.value)
     assert "\n" not in msg and all(w in msg for w in words), msg

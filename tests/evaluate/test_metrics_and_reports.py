@@ -1,4 +1,4 @@
-"""`demofusion evaluate` / df.evaluate against the libraries themselves (issue 25).
+"""`demofusion evaluate` / df.evaluate against the libraries themselves.
 
 Random-weight Inception-v3 (torch-fidelity's layout) and CLIP (transformers' layout), written here:
 nothing is downloaded. Our numbers must equal torch-fidelity's ``calculate_metrics`` and torchmetrics'
@@ -18,7 +18,7 @@ from demofusion.cli import main
 from demofusion.evaluate import evaluate
 from tests.helpers.eval_weights import save_pictures, write_random_clip, write_random_inception
 
-TOL = 1e-4  # relative, the acceptance tolerance
+TOL = 1e-4  # relative: how close our numbers must be to the libraries'
 CROP = {"crops": 2, "crop_size": 64, "crop_seed": 0}
 
 

@@ -1,4 +1,4 @@
-"""max_memory plans and offload policies (issue 12, acceptance 1, 2 and 5).
+"""max_memory plans and offload policies.
 
 * Placement never changes a value: for every policy the run's latents and images equal the
   unbudgeted run's bit for bit (tiny model, CPU; the device copies are real clones there).

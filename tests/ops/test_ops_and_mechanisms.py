@@ -1,4 +1,5 @@
-"""Mechanism unit tests against hand-computed expectations (issue 6, acceptance 1)."""
+"""The view operations (demofusion/ops) and the pipeline's mechanisms (cosine factors, skip residual,
+fusion, views, dilation, blur, renormalisation, phase sizes) against hand-computed expectations."""
 
 import math
 

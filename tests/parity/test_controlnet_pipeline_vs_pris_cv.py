@@ -1,9 +1,9 @@
-"""reference_compat=True with ControlNets against the PRIS-CV ControlNet pipeline itself (issue 14,
-acceptance 4). Skipped unless ``DEMOFUSION_REFERENCE_CONTROLNET`` names a copy of the reference's
+"""reference_compat=True with ControlNets against the PRIS-CV ControlNet pipeline itself.
+Skipped unless ``DEMOFUSION_REFERENCE_CONTROLNET`` names a copy of the reference's
 ``pipeline_demofusion_sdxl_controlnet.py`` kept outside this repository (docs/controlnet.md).
 
-Square targets (the reference breaks on others, its issue #32), jitter off, the same noises, fp32 on
-CPU; every step of every phase is compared. Its two failures are pinned too: guess mode with
+Square targets (the reference breaks on others), jitter off, the same noises, fp32 on CPU; every
+step of every phase is compared. Its two failures are pinned too: guess mode with
 classifier-free guidance and several ControlNets both fail after phase 1."""
 
 from __future__ import annotations

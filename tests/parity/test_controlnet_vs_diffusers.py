@@ -1,8 +1,8 @@
-"""The SDXL ControlNet module and the UNet's residual inputs against diffusers (issue 14,
-acceptance 1–2): same keys and shapes for the released canny config and its -mid/-small variants;
-fp32 outputs equal on the same random weights, with the zero-initialised projections given
-non-zero weights and the conditioning embedding drawn large enough (std 2/√fan_in) that a wrongly
-placed control image would show (checked: a 1-px shift moves the residuals far beyond the tolerance)."""
+"""The SDXL ControlNet module and the UNet's residual inputs against diffusers: same keys and
+shapes for the released canny config and its -mid/-small variants; fp32 outputs equal on the same
+random weights, with the zero-initialised projections given non-zero weights and the conditioning
+embedding drawn large enough (std 2/√fan_in) that a wrongly placed control image would show
+(checked: a 1-px shift moves the residuals far beyond the tolerance)."""
 
 from __future__ import annotations
 

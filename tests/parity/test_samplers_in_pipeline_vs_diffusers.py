@@ -1,4 +1,4 @@
-"""The samplers inside the pipeline (issue 24, acceptance 2–3).
+"""The samplers inside the pipeline against diffusers and the whole-latent loop transcription.
 
 * Phase 1 alone (a run at the model's base size: plain SDXL) with dpm++2m Karras, unipc, heun and
   lcm equals diffusers' ``StableDiffusionXLPipeline`` with that scheduler, built from the same
@@ -54,7 +54,7 @@ def use(pipe, name: str):
     return pipe.set_scheduler(name)
 
 
-# ---- acceptance 2: phase 1 equals diffusers' StableDiffusionXLPipeline ------------------------------
+# ---- phase 1 equals diffusers' StableDiffusionXLPipeline ------------------------------
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """(ours, diffusers') pipelines on the tiny reference components, saved and read back by ours."""
@@ -96,7 +96,7 @@ def test_phase_one_equals_diffusers_sdxl_pipeline(sdxl, name):
     assert max(errs) <= SDXL_TOL, f"{name}: per-evaluation max|Δ|/max|ref| {['%.1e' % e for e in errs]}"
 
 
-# ---- acceptance 3: three DemoFusion phases equal the whole-latent loop transcription ---------------
+# ---- three DemoFusion phases equal the whole-latent loop transcription ---------------
 RUN = dict(prompt="a castle", height=384, width=256, num_inference_steps=3, guidance_scale=0.0, seed=5,
            stride=8)  # 3 phases of the 128-px tiny UNet; no guidance (it acts before the sampler: phase 1 tests it)
 

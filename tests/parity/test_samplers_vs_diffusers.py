@@ -1,4 +1,4 @@
-"""Heun, DPM-Solver++ (2M, 3M, SDE), UniPC, LCM, TCD vs diffusers (issue 24, acceptance 1): whole
+"""Heun, DPM-Solver++ (2M, 3M, SDE), UniPC, LCM, TCD vs diffusers: whole
 trajectories of a deterministic toy model ε(x, t), every sampler × σ schedule × spacing, 3 step
 counts, both through diffusers' own loop (``step`` with its counter) and through the index-addressed
 ``*_at`` methods the pipeline uses; stochastic samplers fed the same noise both ways."""

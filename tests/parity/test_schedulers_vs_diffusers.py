@@ -1,4 +1,4 @@
-"""Schedulers vs diffusers (issue 5): schedules, add_noise, input scaling, full trajectories,
+"""DDIM, Euler and Euler-ancestral vs diffusers: schedules, add_noise, input scaling, full trajectories,
 per-view stepping, config handling and errors. Everything fp32 on the CPU; ~10 s."""
 
 import json

@@ -1,4 +1,4 @@
-"""Bring your own SDXL (issue 15): another sampler on the model's schedule (--scheduler,
+"""Bring your own SDXL: another sampler on the model's schedule (--scheduler,
 --timestep-spacing, round-tripped through the PNG metadata) and a swapped VAE (--vae: a diffusers
 folder, one file in diffusers or LDM names; a VAE that does not fit is a one-line error)."""
 

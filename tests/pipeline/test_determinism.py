@@ -1,4 +1,4 @@
-"""Same seed, same bits on a GPU (issue 23): the CUDA determinism guard, the deterministic view
+"""Same seed, same bits on a GPU: the CUDA determinism guard, the deterministic view
 merge, and whole runs on fake CUDA (tests/helpers/determinism.py; fake CUDA: tests/pipeline/test_fake_cuda.py).
 
 What each whole-run test asserts is written in its name and docstring: no CUDA-nondeterministic
@@ -219,7 +219,7 @@ def test_whole_tiny_run_has_no_blocking_copy_per_step(tiny_guarded):
 
 @pytest.mark.slow
 def test_whole_sdxl_run_is_deterministic_and_copy_free_per_step():
-    """SDXL shapes (2.6 B UNet), 2048² from 1024² (2 phases): acceptance 1 — no CUDA-nondeterministic
+    """SDXL shapes (2.6 B UNet), 2048² from 1024² (2 phases): no CUDA-nondeterministic
     op, no blocking copy per step, under ``torch.use_deterministic_algorithms(True)``."""
     guard, marks = guarded_run("sdxl-base", 2048)
     assert guard.nondeterministic == [] and len(marks) == 4 and _per_step_blocking(marks) == [0, 0]
@@ -297,7 +297,7 @@ class _StubUNet(nn.Module):
 
 def test_an_upscaling_step_with_jitter_traces_as_one_graph():
     """``algorithm.upscale_step`` (skip residual, D(z, i) with jittered windows and dilated paths,
-    an Euler-ancestral step with its noise): 1 graph, 0 breaks (acceptance 2 of issue 23)."""
+    an Euler-ancestral step with its noise): 1 graph, 0 breaks."""
     import torch._dynamo
 
     s = dataclasses.replace(validate(64, prompt="a", height=128, width=128, num_inference_steps=2,

@@ -1,4 +1,4 @@
-"""DemoFusion as one multi-view denoiser D(z, i) (issue 22): the sampler steps the whole latent once
+"""DemoFusion as one multi-view denoiser D(z, i): the sampler steps the whole latent once
 per step on the fused prediction, so a sampler with a history works — the same latents for every
 view batch and on several ranks — and a researcher's view layout is what the run, the work line
 and the memory planner all count."""

@@ -1,5 +1,4 @@
-"""Pipeline behaviour: ablation switches, determinism, batching, img2img, resume, errors
-(issue 6, acceptance 3–5)."""
+"""Pipeline behaviour: ablation switches, determinism, batching, img2img, resume, errors."""
 
 
 import numpy as np

@@ -1,6 +1,6 @@
-"""Sampler names and switching samplers on the model's config (issue 24, acceptance 7 and the names
-table): every pair of samplers keeps the model's configuration; DDIM from SDXL's config equals
-diffusers' DDIMScheduler.from_config of it; A1111/ComfyUI spellings; the A1111 name written back."""
+"""Sampler names and switching samplers on the model's config: every pair of samplers keeps the
+model's configuration; DDIM from SDXL's config equals diffusers' DDIMScheduler.from_config of it;
+A1111/ComfyUI spellings; the A1111 name written back."""
 
 import types
 
@@ -56,7 +56,9 @@ def test_every_pair_of_samplers_keeps_the_model_config(cfg):
 
 @pytest.mark.parity
 def test_ddim_from_sdxl_base_config_equals_diffusers():
-    """Acceptance 7: by name, also after another sampler and via the pipeline's set_scheduler."""
+    """DDIM from SDXL's config (no clip_sample, no set_alpha_to_one) takes diffusers' DDIMScheduler's
+    timesteps and steps at 4, 10 and 25 steps: by name, also after another sampler and via the
+    pipeline's set_scheduler."""
     ref = diffusers.DDIMScheduler.from_config(S.SDXL_BASE_CONFIG)
     assert ref.config.clip_sample is False
     pipe = types.SimpleNamespace(scheduler=S.from_config(S.SDXL_BASE_CONFIG))
@@ -127,7 +129,8 @@ def test_model_sigma_choice_follows_unless_asked():
 
 
 def test_a1111_names_round_trip_through_the_png_text():
-    """Acceptance 6 (text level): the PNG ``parameters`` chunk, read by the independent A1111 parser."""
+    """A sampler's A1111 name (with Karras / exponential σ) written in the PNG ``parameters`` text
+    reads back, through the independent A1111 parser, as that sampler and σ schedule."""
     from tests.test_outputs import BASE, parse_a1111
 
     from demofusion.outputs import a1111_parameters

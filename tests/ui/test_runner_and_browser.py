@@ -88,7 +88,7 @@ def test_runner_errors_are_one_line_in_the_page_words(model):
 
 
 def test_runner_refuses_invalid_knobs_as_the_cli_does(model):
-    """Issue 21 item 18: a bad value is refused in the page's words, never replaced (stride 0 is not
+    """A bad value is refused in the page's words, never replaced (stride 0 is not
     the default stride, 2.5 steps are not 2), and the page takes the CLI's whole range."""
     from demofusion.ui.runner import Page, prepare
 
@@ -378,7 +378,7 @@ def test_ui_generates_with_live_phases_and_downloads_the_png(page, server, tmp_p
 
 
 def test_ui_refuses_invalid_knobs_in_the_page(page, server):
-    """Issue 21 item 18 in the browser: stride 0 and 2.5 steps are refused with the CLI's words, not
+    """In the browser: stride 0 and 2.5 steps are refused with the CLI's words, not
     replaced by the default stride or 2 steps; nothing starts."""
     pg = page
     pg.goto(server[0])  # a fresh page: the earlier tests' values stay in the fields otherwise

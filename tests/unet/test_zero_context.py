@@ -1,4 +1,4 @@
-"""Zero-context skip (issue 23, acceptance 3): rows whose cross-attention context is SDXL's zero
+"""Zero-context skip: rows whose cross-attention context is SDXL's zero
 negative embedding get ``to_out``'s bias written instead of attention computed — bitwise equal
 to the full computation (k = v = 0 exactly, so the attention is 0 and the output is the bias)."""
 

@@ -35,7 +35,7 @@ def _check_parity(ours, ref, x, z, what):
     assert_close_rel(ours.decode(z), ref.decode(z).sample, what=f"{what} decode")
 
 
-# ---- 1. keys and shapes ------------------------------------------------------------------------
+# ---- keys and shapes ---------------------------------------------------------------------------
 @pytest.mark.parity
 def test_sdxl_keys_and_shapes_equal_diffusers_on_meta():
     from diffusers import AutoencoderKL as Ref
@@ -67,7 +67,7 @@ def test_config_rejects_other_architectures():
         VAEConfig(block_out_channels=(20, 40), norm_num_groups=32)
 
 
-# ---- 2. fp32 parity ----------------------------------------------------------------------------
+# ---- fp32 parity -------------------------------------------------------------------------------
 @pytest.mark.parity
 def test_tiny_fp32_parity_non_square(tmp_path):
     ref = diffusers_vae("tiny", seed=1)
@@ -120,7 +120,7 @@ def test_deprecated_diffusers_attention_names_load(tmp_path):
     assert_close_rel(load_vae(f).decode(z), ref.decode(z).sample, what="deprecated names")
 
 
-# ---- 3. single file ------------------------------------------------------------------------------
+# ---- single file ---------------------------------------------------------------------------------
 @pytest.mark.parity
 @pytest.mark.parametrize("name", ["tiny", "sdxl"])
 def test_single_file_keys_load_and_match_diffusers_converter(tmp_path, name):
@@ -159,7 +159,7 @@ def test_wrong_tensors_name_the_problem(tmp_path):
         AutoencoderKL(VAEConfig.preset("tiny")).encode(torch.zeros(1, 3, 20, 16))
 
 
-# ---- 5. fp16 overflow ------------------------------------------------------------------------------
+# ---- fp16 overflow ---------------------------------------------------------------------------------
 def _overflowing_fp16_file(tmp_path):
     """A tiny VAE whose first convs are scaled so that float16 activations overflow (weights stay finite)."""
     ref = diffusers_vae("tiny", seed=6)
