@@ -10,7 +10,8 @@ from demofusion.text.convert import from_open_clip, from_transformers
 from demofusion.weights import WeightsError
 from tests.helpers import assert_close_rel, save_tensors
 from tests.helpers.text import (
-    hf_outputs, hf_state_dict, hf_text_model, open_clip_reference, open_clip_text_tower, save_hf_text_model,
+    HF_TEXT, hf_outputs, hf_state_dict, hf_text_model, open_clip_reference, open_clip_text_tower,
+    save_hf_text_model,
 )
 
 pytest.importorskip("transformers")
@@ -124,7 +125,7 @@ def test_real_configs_keys_and_shapes_match_transformers():
 
     for name, cls in (("clip-l", HFModel), ("bigg", CLIPTextModelWithProjection)):
         with torch.device("meta"):
-            ref = cls(HFConfig(**__import__("tests.helpers.text", fromlist=["HF_TEXT"]).HF_TEXT[name]))
+            ref = cls(HFConfig(**HF_TEXT[name]))
             ours = CLIPTextModel(CLIPTextConfig.preset(name))
         want = {k: tuple(v.shape) for k, v in from_transformers(ref.state_dict()).items()}
         got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
