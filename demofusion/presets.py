@@ -64,7 +64,7 @@ def random_components(kind: str = "tiny", seed: int = 0, device="cpu", dtype=tor
     ``tiny`` is the offline demo; ``sdxl-base`` / ``sdxl-turbo`` are the real networks (2.57 B
     UNet parameters) for benchmarks where only the shapes matter. Tokenizers are byte-level.
     ``device="meta"``: the networks without weights (no memory, no initialisation), e.g. to swap
-    in fake tensors for a shape-only run (tests/test_fake_cuda.py).
+    in fake tensors for a shape-only run (tests/pipeline/test_fake_cuda.py).
     """
     from .schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
     from .text import TextEncoders

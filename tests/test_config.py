@@ -55,7 +55,7 @@ def test_a_new_knob_is_a_ui_control_with_its_label():
         ("Cosine scale 1 end", "number", 0.0, "df-cosine_scale_1_end")
     assert "α1 at the last step" in spec["info"] and "0.0 … 10.0" in spec["info"]
     assert page_value(extra(), "1.5") == 1.5
-    # gradio builds it with demofusion.ui.app.knob_control: tests/test_ui.py (importing gradio is slow)
+    # gradio builds it with demofusion.ui.app.knob_control: tests/ui/test_runner_and_browser.py (importing gradio is slow)
 
 
 def test_a_new_knob_is_a_run_id_and_metadata_key():

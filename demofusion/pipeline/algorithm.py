@@ -355,7 +355,7 @@ def upscale_step(sched, D, mech, s, z: torch.Tensor, z_up: torch.Tensor, eps_k: 
     """One step of an upscaling phase: the skip residual, the fused prediction D(z, i), one sampler
     step. Its random inputs (window corners, noise canvas) come drawn and on the device, so a step
     draws nothing, copies nothing from the host, reads nothing back: one graph (torch.compile,
-    CUDA graphs; tests/test_determinism.py)."""
+    CUDA graphs; tests/pipeline/test_determinism.py)."""
     if s.skip_residual:
         c = mech.cosine_factor(sched.timesteps_cpu[i], sched.config.get("num_train_timesteps", 1000))
         z = mech.skip_residual(z, sched.add_noise_at(z_up, eps_k, i), c, s.cosine_scale_1)

@@ -11,7 +11,7 @@ Order, per step i of a phase (after its starting noise): the window jitter
 ``u_i = torch.rand([V, 2], float64)`` when the phase jitters V windows, then, for stochastic
 samplers, the noise canvas ``n_i = torch.randn(z.shape)``. Without a noise canvas nothing comes
 between two steps' jitters, and one ``torch.rand([S, V, 2])`` *is* the S draws one after the
-other, bit for bit (the CPU generator fills a tensor in element order; tests/test_determinism.py):
+other, bit for bit (the CPU generator fills a tensor in element order; tests/pipeline/test_determinism.py):
 the phase's corners are then made at once and copied once. With a noise canvas each step's draws
 are made when the step comes (canvases are large), in pinned memory, copied ``non_blocking``.
 """

@@ -3,7 +3,7 @@
 The algorithm (:mod:`.algorithm`) asks a :class:`Policy` wherever our default and the PRIS-CV
 reference pipelines (``pipeline_demofusion_sdxl.py`` and its ControlNet twin) differ, so the
 default path carries no compat flags. :data:`DEFAULT` is ours; :data:`PRIS_CV` reproduces the
-reference (≤ 1e-4 per phase, tests/test_reference_parity*.py):
+reference (≤ 1e-4 per phase, tests/parity/test_*_vs_pris_cv.py):
 
 * input scaling — the reference scales each UNet batch's input x/√(σ²+1) with a stale σ: the
   first batch of a phase's first step with the previous phase's last σ (0; not after img2img),

@@ -1,10 +1,10 @@
-"""A worker for tests/test_distributed.py: the Python API inside (or outside) a torchrun process group.
+"""A worker for tests/test_parallel.py: the Python API inside (or outside) a torchrun process group.
 
     python -m torch.distributed.run --standalone --nproc_per_node N tests/helpers/dist_api.py KIND OUT [CALL]
     python tests/helpers/dist_api.py KIND OUT [CALL] [N ...]   # one process; N: split as for N ranks (view_ranks=N)
 
 Runs a small pipeline (KIND "sdxl": Euler with CFG 7.5; "turbo": Euler-ancestral, guidance 0; "ab2":
-the multistep stand-in of tests/test_multiview_denoiser.py, CFG 7.5; a sampler name such as "unipc":
+the multistep stand-in of tests/pipeline/test_multiview_denoiser.py, CFG 7.5; a sampler name such as "unipc":
 that sampler on the sdxl pipeline) at a non-square size over 3 phases and saves the latents, decoded
 images ([0, 1] tensors), unet_calls and the UNet rows this process really ran to OUT/rank<r>.pt (under
 torchrun, or one process without N) or OUT/one<N>.pt. CALL: a JSON object of call arguments replacing
@@ -30,7 +30,7 @@ rank = dist.get_rank() if dist.is_initialized() else 0
 for kind in kinds:
     pipe = small_pipeline("turbo" if kind == "turbo" else "sdxl")
     if kind == "ab2":
-        from tests.test_multiview_denoiser import AdamsBashforth2  # noqa: E402
+        from tests.pipeline.test_multiview_denoiser import AdamsBashforth2  # noqa: E402
 
         pipe.scheduler = AdamsBashforth2(pipe.scheduler)
     elif kind not in ("sdxl", "turbo"):

@@ -1,5 +1,5 @@
 """A torchrun worker that runs the `demofusion` command and records its exit code in DIR/rank<r>.code
-(torchrun does not pass its workers' codes on when it is interrupted), for tests/test_distributed.py.
+(torchrun does not pass its workers' codes on when it is interrupted), for tests/test_parallel.py.
 
     python -m torch.distributed.run --standalone --nproc_per_node N tests/helpers/dist_exit.py DIR ARGS...
 """

@@ -1,5 +1,5 @@
 """A torchrun worker that runs the `demofusion` command with a failure injected on rank 1 (as its
-first upscaling phase starts), for the test that a failing rank stops the whole job (tests/test_distributed.py)."""
+first upscaling phase starts), for the test that a failing rank stops the whole job (tests/test_parallel.py)."""
 
 import os
 import sys

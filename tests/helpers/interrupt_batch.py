@@ -1,5 +1,5 @@
 """Runs the `demofusion` command with Ctrl-C arriving as the third image of a --prompts batch is
-about to be written (tests/test_distributed.py: an interrupted batch resumes without redoing work)."""
+about to be written (tests/test_parallel.py: an interrupted batch resumes without redoing work)."""
 
 import sys
 
