@@ -169,16 +169,19 @@ def _steps_run(s, k: int) -> int:
 
 def _with_controlnets(m: Model, s, k: int, unet_act: int, shape: tuple, b: int, rows: int) -> tuple[int, int]:
     """(activations, control image bytes) of a UNet call of batch ``b`` (``rows`` per view: 2 with
-    CFG in one call) with the run's ControlNets: each ControlNet's call (the residuals summed so
-    far alive), then the UNet's with the residuals, the call's control crops alive throughout; and
-    the phase's control images (fp32: resized, padded for the windows, padded for the dilation)."""
+    CFG in one call) with the run's ControlNets. The call's control crops live through it; each
+    ControlNet's call also holds their CFG-doubled copy and the residuals summed so far, the UNet's
+    call the summed residuals. Between calls the phase keeps one fp32 control image per ControlNet
+    (the padded copies the crops are cut from come and go with the cut, before either peak)."""
     if not m.control_configs or s.control is None:
         return unet_act, 0
     peaks = [controlnet_call_peak(cfg, m.unet_dtype, shape, b) for cfg in m.control_configs]
     res, n = max(r for _, r in peaks), len(peaks)
     crops = n * (b // rows) * 3 * 64 * shape[0] * shape[1] * torch.finfo(m.unet_dtype).bits // 8
-    act = crops + max(max(p.activation_bytes for p, _ in peaks) + (res if n > 1 else 0), unet_act + res)
-    return act, n * s.batch * 3 * s.sizes[k][0] * s.sizes[k][1] * 4 * 3
+    doubled = crops * (rows - 1)  # Guide.residuals: repeat_interleave(2) for CFG pairs
+    controlnet = crops + doubled + max(p.activation_bytes for p, _ in peaks) + (res if n > 1 else 0)
+    act = max(controlnet, crops + unet_act + res)
+    return act, n * s.batch * 3 * s.sizes[k][0] * s.sizes[k][1] * 4
 
 
 def vae_stages(m: Model, s, c: Choice) -> list[Stage]:
