@@ -42,6 +42,12 @@ def knob(default, help: str, kind: str, *, lo=None, hi=None, hint: str = "", lab
     return field(default=default, metadata=meta)
 
 
+def mechanism(help: str):
+    """A DemoFusion mechanism's switch: on (as the paper runs), an ``ablate`` cell turns it off, and
+    it is hashed into every run id."""
+    return knob(True, help, "bool", ablation=True, always_in_run_id=True)
+
+
 # ---- checks: each returns the normalised value or raises one line naming the argument -----------
 def _type_name(v) -> str:
     return type(v).__name__
@@ -292,24 +298,14 @@ class DemoFusionConfig:
     multi_decoder: bool = knob(
         True, "Decode large phases in tiles (the VAE's memory grows with the picture); needed from about "
         "3072×3072 on a GPU.", "bool", label="Multi-decoder", always_in_run_id=True)
-    skip_residual: bool = knob(
-        True, "Skip residual: each step starts from a mix with the upsampled previous phase, noised to the step.",
-        "bool", ablation=True, always_in_run_id=True)
-    local_paths: bool = knob(
-        True, "MultiDiffusion local paths: overlapping windows of the base size, averaged.", "bool",
-        ablation=True, always_in_run_id=True)
-    dilated_sampling: bool = knob(
-        True, "Dilated sampling: global paths of every k-th latent, fused with the local paths.", "bool",
-        ablation=True, always_in_run_id=True)
-    dilated_blur: bool = knob(
-        True, "Gaussian blur before dilated sampling (σ = 0 is the same as off).", "bool", ablation=True,
-        always_in_run_id=True)
-    renormalise: bool = knob(
-        True, "Renormalise the fused latents to the mean and std they had before fusion.", "bool",
-        ablation=True, always_in_run_id=True)
-    view_jitter: bool = knob(
-        True, "Random jitter of the local windows, so their seams move from step to step.", "bool",
-        ablation=True, always_in_run_id=True)
+    skip_residual: bool = mechanism(
+        "Skip residual: each step starts from a mix with the upsampled previous phase, noised to the step.")
+    local_paths: bool = mechanism("MultiDiffusion local paths: overlapping windows of the base size, averaged.")
+    dilated_sampling: bool = mechanism(
+        "Dilated sampling: global paths of every k-th latent, fused with the local paths.")
+    dilated_blur: bool = mechanism("Gaussian blur before dilated sampling (σ = 0 is the same as off).")
+    renormalise: bool = mechanism("Renormalise the fused latents to the mean and std they had before fusion.")
+    view_jitter: bool = mechanism("Random jitter of the local windows, so their seams move from step to step.")
     base_size: int | None = knob(
         None, "The model's native size in px, the size of phase 1's long side and of a window × 8; default: "
         "the model's (1024 for SDXL, 512 for Turbo).", "int", lo=64, hi=16384)

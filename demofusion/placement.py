@@ -24,6 +24,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .devices import resolve_device
 from .tensors import is_fake, weight_bytes
 
 POLICIES = ("none", "model", "sequential")
@@ -108,8 +109,6 @@ class Placement:
 
     def move_all(self, device) -> None:
         """Every component to ``device``, which becomes the one work runs on (home copies dropped)."""
-        from .devices import resolve_device
-
         self.device = resolve_device(device)
         for modules in self.components.values():
             for m in modules:

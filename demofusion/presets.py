@@ -10,6 +10,12 @@ import contextlib
 
 import torch
 
+from .controlnet import ControlNet, ControlNetConfig
+from .schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
+from .text import TextEncoders
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
 # random_init_ lives below the component packages (text builds its presets with it); still
 # importable from here.
 from .weights.seeded import random_init_
@@ -23,8 +29,6 @@ def tiny_components(seed: int = 0, device="cpu", dtype=torch.float32):
 def tiny_controlnet_config(unet_config):
     """The ``tiny`` ControlNet's config for a UNet of ``unet_config``: a small conditioning
     embedding (16, 32, 32, 32) instead of SDXL's (16, 32, 96, 256)."""
-    from .controlnet import ControlNetConfig
-
     return ControlNetConfig(unet_config, 3, (16, 32, 32, 32))
 
 
@@ -32,8 +36,6 @@ def tiny_controlnet(unet_config, seed: int = 1, device="cpu", dtype=torch.float3
     """A ControlNet that fits a UNet of ``unet_config``, every weight seeded random — its zero
     projections too, so it acts — and a small conditioning embedding (16, 32, 32, 32) drawn at
     2/√fan_in so the control map shows. Untrained: for demos and tests, like ``tiny``."""
-    from .controlnet import ControlNet
-
     net = random_init_(ControlNet(tiny_controlnet_config(unet_config)), seed)
     random_init_(net.controlnet_cond_embedding, seed + 1, scale=2.0)
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -51,9 +53,6 @@ PRESETS = tuple(_KINDS)  # the names --model takes without a path
 def base_size(kind: str) -> int:
     """The native size in px of preset ``kind`` (its UNet's sample size × the VAE's scale factor):
     256 for ``tiny``, 1024 for ``sdxl-base``, 512 for ``sdxl-turbo``."""
-    from .unet import UNetConfig
-    from .vae import VAEConfig
-
     unet_name, vae_name, _ = _KINDS[kind]
     return UNetConfig.preset(unet_name).sample_size * VAEConfig.preset(vae_name).scale_factor
 
@@ -66,11 +65,6 @@ def random_components(kind: str = "tiny", seed: int = 0, device="cpu", dtype=tor
     ``device="meta"``: the networks without weights (no memory, no initialisation), e.g. to swap
     in fake tensors for a shape-only run (tests/pipeline/test_fake_cuda.py).
     """
-    from .schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
-    from .text import TextEncoders
-    from .unet import UNet, UNetConfig
-    from .vae import AutoencoderKL, VAEConfig
-
     if kind not in _KINDS:
         raise ValueError(f"unknown random preset {kind!r}; choose one of {sorted(_KINDS)}")
     unet_name, vae_name, text_name = _KINDS[kind]

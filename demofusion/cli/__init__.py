@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 
 from ..errors import InputError, NonFiniteError, first_line
+from ..hub import DownloadError, download
+from ..inspection import inspect
 from ..outputs import META_KEY, RUN_FILE, read_png_params, save_png
+from ..ui import INSTALL_HINT, have_gradio, launch  # the UI's gradio-free front door: gradio loads in launch
 from . import ranks, streams
 from .ablate import cmd_ablate, contact_sheet
 from .args import ABLATIONS, add_config_flags, build_parser
@@ -24,8 +27,6 @@ __all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "l
 
 
 def cmd_download(args) -> int:
-    from ..hub import DownloadError, download
-
     try:
         path = download(args.model, args.dir, args.variant, args.single_file)
     except DownloadError as e:
@@ -36,8 +37,6 @@ def cmd_download(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from ..inspect import inspect
-
     report = inspect(args.path)
     print(report.text())
     if not report.ok:
@@ -47,15 +46,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    """`demofusion ui`: the browser UI (docs/cli.md, ui); gradio is imported only here."""
-    # lazy: avoids the cycle cli → ui.app → cli.args (the UI sits above the CLI's helpers), and
-    # keeps gradio out of every other command
-    from ..ui import INSTALL_HINT, have_gradio
-
+    """`demofusion ui`: the browser UI (docs/cli.md, ui); gradio is imported only here (in ``launch``)."""
     if not have_gradio():
         raise CLIError(INSTALL_HINT)
-    from ..ui import launch
-
     try:
         return launch(model=args.model, host=args.host, port=args.port, controlnet=args.controlnet,
                       device=args.device, share=args.share, out=args.out,

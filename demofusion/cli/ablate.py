@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..outputs import check_output_folder, new_run_folder, save_png, write_json
 from ..config import knobs
+from . import ranks
 from .args import ABLATIONS, PLACEMENT_KEYS, RUN_KEYS
 from .control import control_kwargs, control_maps
 from .preflight import check_files
@@ -66,8 +67,6 @@ def contact_sheet(images: list, labels: list[str], cols: int | None = None, labe
 
 
 def cmd_ablate(args) -> int:
-    from . import ranks
-
     if ranks.world_size() > 1:
         raise CLIError("ablate runs as one process (its cells are short); under torchrun use `generate`")
     params = defaults() | with_preset(normalise_sampler({k: v for k, v in vars(args).items()

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from ..config import GUIDANCE_MAX, config_defaults, knob_names, knobs
 from ..errors import InputError
+from ..placement import POLICIES as OFFLOAD
+from ..run_presets import PRESET_NAMES
+from ..schedulers.names import SAMPLER_NAMES, SIGMAS
+from ..schedulers.schedule import SPACINGS
 
 DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negative_prompt": None, "height": 3072,
             "width": 3072, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0, "phases": None,
@@ -25,13 +30,9 @@ DEFAULTS.update(CONTROL_DEFAULTS)
 MODEL_DEFAULTS = {"scheduler": None, "timestep_spacing": None, "vae": None, "lora": None, "truncate_prompts": False,
                   "sigmas": None, "preset": None}
 MODEL_KEYS = list(MODEL_DEFAULTS)
-from ..schedulers.names import SAMPLER_NAMES, SIGMAS  # noqa: E402  (the sampler name table, issue 24)
-from ..run_presets import PRESET_NAMES  # noqa: E402
-from ..schedulers.schedule import SPACINGS  # noqa: E402
 DEFAULTS.update(MODEL_DEFAULTS)
 # where a run's weights and batches go: recorded, free to change on resume (like --device)
 PLACEMENT_KEYS = ["max_memory", "offload", "view_ranks"]
-from ..placement import POLICIES as OFFLOAD  # noqa: E402
 # the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
 RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
             *knob_names()]  # every DemoFusionConfig field
@@ -160,8 +161,6 @@ def _add_control_args(p) -> None:
 
 
 def build_parser() -> Parser:
-    from .. import __version__
-
     ap = Parser(prog="demofusion", description="DemoFusion high-resolution generation (SDXL / SDXL-Turbo).")
     ap.add_argument("--version", action="version", version=f"demofusion {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import first_line
 from ..outputs import check_output_folder, read_png_params, save_png, write_json
+from ..parallel import rank as this_rank
 from . import ranks
 from .args import PLACEMENT_KEYS, RUN_KEYS
 from .control import control_hashes, control_kwargs, control_maps, net_hashes
@@ -80,8 +81,6 @@ def cmd_prompts(args, params: dict, run_id) -> int:
     parse_loras(params.get("lora"))
     params["stride"] = settings.stride
     params["device"] = ranks.join(params["device"])
-    from ..parallel import rank as this_rank
-
     rank, world = this_rank(), ranks.world_size()
     with contextlib.ExitStack() as stack:  # rank 0 holds the folder's lock for the whole batch
         if rank == 0:

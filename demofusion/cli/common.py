@@ -8,8 +8,21 @@ import json
 import sys
 from pathlib import Path
 
+from ..controlnet import ControlNetConfig
+from ..devices import default_dtype, resolve_device
 from ..errors import InputError, first_line, reword
-from ..presets import PRESETS, base_size, tiny_controlnet_config
+from ..fp8 import to_fp8_
+from ..lora import check_scale
+from ..memory.fake import fake_controlnet
+from ..memory.plan import BudgetError, Model, fmt, plan_run, preset_model
+from ..pipeline.pipeline import DemoFusionPipeline
+from ..pipeline.settings import check_int, validate
+from ..presets import PRESETS, base_size, tiny_components, tiny_controlnet_config
+from ..schedulers import SDXL_BASE_CONFIG, a1111_name
+from ..schedulers import sampler_key as scheduler_key
+from ..schedulers.names import sampler_options
+from ..tensors import weight_bytes
+from ..weights import WeightsError, parse_dtype, resolve_component
 from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
 
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
@@ -30,8 +43,6 @@ def check_device(device: str, present: bool = True) -> str:
     is False: a dry run may plan for a device this machine lacks)."""
     import torch
 
-    from ..devices import resolve_device
-
     try:
         dev = resolve_device(device)  # parses and names the supported kinds (one place for both API and CLI)
     except InputError as e:
@@ -50,9 +61,6 @@ def check_device(device: str, present: bool = True) -> str:
 
 def check_dtype(dtype: str, device: str = "cpu") -> str:
     """The dtype's name (``auto``: float16 on cuda/mps, float32 on cpu), checked."""
-    from ..devices import default_dtype
-    from ..weights import parse_dtype
-
     if dtype == "auto":
         return str(default_dtype(device)).replace("torch.", "")
     try:
@@ -93,8 +101,6 @@ def base_size_of(model: str, planning: bool = False) -> int:
 
 def run_settings(params: dict, base: int, stop_after: int | None = None, **extra):
     """The pipeline's validation of a run's parameters (before any weights are loaded)."""
-    from ..pipeline.settings import check_int, validate
-
     kw = {k: params.get(k) for k in RUN_KEYS}  # (a knob added later is missing from older records: its default)
     try:
         kw |= {k: params.get(k) for k in PLACEMENT_KEYS}
@@ -146,9 +152,6 @@ def _times(ref: int, n: int) -> str:
 def check_sampler(params: dict) -> None:
     """--scheduler, --sigmas and --timestep-spacing build a sampler (checked on SDXL's schedule
     before any weights load; the model's own config is applied when it does)."""
-    from ..schedulers import SDXL_BASE_CONFIG
-    from ..schedulers.names import sampler_options
-
     if params.get("scheduler") or params.get("sigmas"):
         try:
             sampler_options(params.get("scheduler") or "euler", SDXL_BASE_CONFIG, params.get("timestep_spacing"),
@@ -169,11 +172,6 @@ def cpu_dtype_warning(dtype: str) -> str:
 def load_pipeline(params: dict, compile_mode: str | None = None):
     """The run's pipeline: ``params``' model, device, dtype, fp8, VAE, LoRAs, ControlNets and sampler."""
     import torch
-
-    from ..pipeline import DemoFusionPipeline
-    from ..weights import WeightsError
-
-    from ..weights import parse_dtype
 
     model, device, dtype = params["model"], params["device"], params["dtype"]
     check_device(device)
@@ -207,8 +205,6 @@ def model_fingerprint(pipe, model: str, component: str = "unet") -> str:
     of the tiny preset's state; ``pipe``: the pipeline, or the module itself."""
     path = Path(model)
     if path.exists():
-        from ..weights import resolve_component
-
         f = Path(resolve_component(path, component, ["diffusion_pytorch_model"])[0]) if path.is_dir() else path
         h = hashlib.sha256(str(f.stat().st_size).encode())
         with open(f, "rb") as fh:
@@ -223,9 +219,7 @@ def model_fingerprint(pipe, model: str, component: str = "unet") -> str:
 
 def sampler_key(scheduler) -> str:
     """The scheduler's --scheduler name (ddim, euler, dpm++2m, …)."""
-    from ..schedulers import sampler_key as key
-
-    return key(scheduler)
+    return scheduler_key(scheduler)
 
 
 def parse_loras(specs) -> list | None:
@@ -249,15 +243,11 @@ def parse_loras(specs) -> list | None:
 
 
 def _lora_scale(value: float, spec) -> float:
-    from ..lora import check_scale
-
     return check_scale(value, f"--lora {spec}: scale")
 
 
 def sampler_name(scheduler) -> str:
     """The scheduler as A1111 names samplers ("DPM++ 2M Karras", "Euler a")."""
-    from ..schedulers import a1111_name
-
     return a1111_name(scheduler)
 
 
@@ -309,18 +299,11 @@ def memory_plan(s, params: dict):
 
     import torch
 
-    from ..memory.plan import Model, plan_run, preset_model
-    from ..weights import parse_dtype
-
     dt, fp8 = parse_dtype(params["dtype"]), bool(params.get("fp8"))
     if params["model"] == "tiny":
-        from ..presets import tiny_components
-
         unet, vae, text, _ = tiny_components()
         unet.to(dt), vae.to(dt), text.to(dtype=dt)
         if fp8:
-            from ..fp8 import to_fp8_
-
             to_fp8_(unet)
         model = Model.of(SimpleNamespace(unet=unet, vae=vae, text=text))
     else:
@@ -334,10 +317,6 @@ def _with_controlnets(model, paths: list, dtype):
     """The plan's model with the ControlNets of ``paths``: their config.json, else (a single file)
     the released full SDXL ControlNet's shapes; 'tiny' fits the tiny UNet."""
     import dataclasses
-
-    from ..controlnet import ControlNetConfig
-    from ..memory.fake import fake_controlnet
-    from ..tensors import weight_bytes
 
     cfgs = []
     for p in paths:
@@ -355,8 +334,6 @@ def _with_controlnets(model, paths: list, dtype):
 def budget_message(e: InputError, device: str) -> str:
     """An impossible --max-memory (or another settings error) in the command line's words: its
     flags, and only the ways this run has (no CPU advice on the CPU, no latent-only output)."""
-    from ..memory.plan import BudgetError, fmt
-
     if not isinstance(e, BudgetError):
         return _as_flag(str(e))
     words = {"fp8": "--fp8", "size": "a smaller --height/--width", "cpu": "--device cpu"}

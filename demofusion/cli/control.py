@@ -11,15 +11,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .common import CLIError
+from ..images import load_image
+from .common import CLIError, model_fingerprint
 
 def canny(path, low: int, high: int):
     """Canny edges of the picture at ``path`` (OpenCV's ``cv2.Canny`` on its grey values) as a
     white-on-black RGB PIL image of the same size."""
     import numpy as np
     from PIL import Image
-
-    from ..images import load_image
 
     try:
         import cv2
@@ -38,8 +37,6 @@ def canny(path, low: int, high: int):
 
 def control_maps(params: dict) -> list:
     """The control maps (PIL images) in ControlNet order, loaded and checked."""
-    from ..images import load_image
-
     maps = []
     if params.get("control") == "canny":
         source = params.get("control_source") or params.get("image")
@@ -95,7 +92,5 @@ def control_kwargs(params: dict, maps: list) -> dict:
 
 def net_hashes(pipe, params: dict) -> list | None:
     """The loaded ControlNets' fingerprints (as the model's: file head and size, or the preset's state)."""
-    from .common import model_fingerprint
-
     paths = params.get("controlnet") or []
     return [model_fingerprint(n, p, "controlnet") for n, p in zip(pipe.controlnets, paths)] if paths else None

@@ -8,7 +8,11 @@ import argparse
 import json
 from pathlib import Path
 
+from ..evaluate import BACKENDS, DEFAULT_BACKEND, evaluate
+from ..evaluate.inception import _library, check_weights
+from ..evaluate.report import ablation_plot, is_default_cell, markdown_table, result_markdown
 from ..outputs import write_json
+from .args import DEFAULTS
 from .common import CLIError
 
 METRICS = ("fid", "kid", "is", "clip")
@@ -23,8 +27,6 @@ def _metrics_arg(text: str) -> list[str]:
 
 
 def _add_protocol_args(p, crop_size_help: str) -> None:
-    from ..evaluate import BACKENDS, DEFAULT_BACKEND
-
     p.add_argument("--crops", type=int, default=10, help="seeded random crops per picture for FID_c/KID_c/IS_c "
                    "(default 10, the paper's; 0: none)")
     p.add_argument("--crop-size", dest="crop_size", type=int, default=None, help=crop_size_help)
@@ -85,9 +87,6 @@ def _kwargs(args, crop_size: int) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from ..evaluate import evaluate
-    from ..evaluate.report import result_markdown
-
     out = None if args.json is None else _new_file(args.json, "--json")
     result = evaluate(args.images, args.reference, args.prompts, save_crops=args.save_crops, metrics=args.metrics,
                       **_kwargs(args, 1024 if args.crop_size is None else args.crop_size))
@@ -105,9 +104,6 @@ def cmd_evaluate(args) -> int:
 
 def check_ablate_metrics(args, base: int) -> None:
     """Before the first cell runs: the reference and the weights are there, the libraries installed."""
-    from ..evaluate.crops import prepare_crop_folder  # noqa: F401  (the extra is importable)
-    from ..evaluate.inception import _library, check_weights
-
     if args.metrics is None:
         return
     if args.reference is None and {"fid", "kid"} & set(args.metrics):
@@ -122,10 +118,6 @@ def check_ablate_metrics(args, base: int) -> None:
 
 def ablate_metrics(out: Path, record: dict, args) -> None:
     """Score each cell's final picture (the one in the contact sheet) → metrics.{md,json,png}."""
-    from ..evaluate import evaluate
-    from ..evaluate.report import ablation_plot, is_default_cell, markdown_table
-    from .args import DEFAULTS
-
     names, rows, defaults = [], [], []
     for cell in record["cells"]:
         image = cell["images"][-1]

@@ -18,6 +18,7 @@ from .. import __version__
 from ..config import config_defaults, knob_names, run_id_items
 from . import ranks
 from ..errors import InputError
+from ..images import load_image
 from ..outputs import (RUN_FILE, check_output_folder, json_writer, latents_writer, load_latents, new_run_folder,
                        png_writer, read_png_params)
 from .args import CONTROL_KEYS, MODEL_KEYS, PLACEMENT_KEYS, RUN_KEYS
@@ -27,6 +28,7 @@ from .common import (CLIError, base_size_of, budget_message, check_compile, chec
                      defaults, is_oom, load_pipeline, memory_plan, oom_message, parse_loras, peak_memory, report_work,
                      run_settings, sampler_name, warn_long_prompt)
 from .sampling import normalise_sampler, paper_settings, with_preset
+from .batch import cmd_prompts
 from .folder import RunFolder
 from .hashes import check_replay, check_resume, current_hashes, sha256 as _sha256
 
@@ -101,8 +103,6 @@ def _image_size(image, args, params) -> None:
 
 def settle_params(args) -> tuple[dict, Path | None, bool]:
     """(parameters, output folder or None for a new one, resuming?) from the flags."""
-    from ..images import load_image
-
     if getattr(args, "ignore_hashes", False) and not args.from_image:
         raise CLIError("--ignore-hashes is for --from-image (a replay with other files); drop it")
     if args.resume:
@@ -177,8 +177,6 @@ def finished_phases(out: Path, params: dict, settings) -> list:
 # ---- the command ------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     if getattr(args, "prompts", None):
-        from .batch import cmd_prompts
-
         params = defaults() | with_preset(_given(args))
         params["device"] = check_device(params["device"])
         params["dtype"] = check_dtype(params["dtype"], params["device"])
@@ -193,8 +191,6 @@ def cmd_generate(args) -> int:
 
 def _check_all(args, params: dict, out, resuming: bool, dry: bool):
     """Every check that needs no weights (settings, files, the memory budget): (settings, image, control)."""
-    from ..images import load_image
-
     image = load_image(params["image"], "--image") if params.get("image") else None
     control = control_kwargs(params, control_maps(params))  # the maps are read and checked before any weights
     base = base_size_of(params["model"], planning=dry)

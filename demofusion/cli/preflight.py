@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ..errors import first_line
 from ..presets import PRESETS
+from ..weights import WeightsError
+from ..weights.kinds import check_model, expect
 from .args import OFFLOAD, PRESET_NAMES, SAMPLER_NAMES, SIGMAS, SPACINGS
 from .common import FLAGS, CLIError, parse_loras
 
@@ -17,9 +19,6 @@ from .common import FLAGS, CLIError, parse_loras
 def check_files(params: dict) -> None:
     """--model, --vae, --lora and --controlnet: present, readable safetensors, of the kind each takes
     (a UNet given as --vae is named as a UNet); read from the headers only."""
-    from ..weights import WeightsError
-    from ..weights.kinds import check_model, expect
-
     model = str(params["model"])
     try:
         if model not in PRESETS or Path(model).expanduser().exists():

@@ -8,6 +8,9 @@ import sys
 import warnings
 from datetime import timedelta
 
+from .. import parallel
+from .common import CLIError
+
 DEFAULT_TIMEOUT_S = 600
 
 
@@ -15,8 +18,6 @@ def timeout_s() -> int:
     """DEMOFUSION_DIST_TIMEOUT (seconds, default 600): a collective waiting longer fails (a rank that
     died without torchrun noticing). Read when a run joins, not at import, so a bad value is one
     error line of that run and never breaks `demofusion --version`."""
-    from .common import CLIError
-
     text = os.environ.get("DEMOFUSION_DIST_TIMEOUT", "").strip() or str(DEFAULT_TIMEOUT_S)
     try:
         value = int(text)
@@ -57,9 +58,7 @@ def join(device: str) -> str:
 
 def is_writer() -> bool:
     """Rank 0 (or no process group) writes files and prints."""
-    from ..parallel import rank
-
-    return rank() == 0
+    return parallel.rank() == 0
 
 
 def leave() -> None:

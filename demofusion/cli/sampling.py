@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..run_presets import PAPER, preset_values
+from ..schedulers import parse_sampler
 from .common import CLIError, run_settings
 
 
 def normalise_sampler(given: dict) -> dict:
     """--scheduler in any spelling ("DPM++ 2M Karras", dpmpp_2m …) → our name, the σ schedule it
     names → --sigmas, so a run records (and a resume compares) one spelling."""
-    from ..schedulers import parse_sampler  # (torch: not at import, the parser is built without it)
-
     if not given.get("scheduler"):
         return given
     try:

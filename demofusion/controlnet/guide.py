@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..config import check_bool, check_float
 from ..errors import InputError
+from ..images import control_to_tensor
 from ..tensors import unset_fake_temporarily
 
 
@@ -50,8 +51,6 @@ def _per_net(name: str, v, n: int, lo: float, hi: float) -> tuple:
 def check_control(n: int, batch: int, control_image=None, controlnet_conditioning_scale=1.0,
                   control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False) -> Control | None:
     """The control arguments of a call on a pipeline with ``n`` ControlNets (None when n = 0)."""
-    from ..images import control_to_tensor
-
     if n == 0:
         given = control_image is not None or guess_mode or controlnet_conditioning_scale != 1.0 or \
             control_guidance_start != 0.0 or control_guidance_end != 1.0

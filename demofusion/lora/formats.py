@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 
 from demofusion.errors import InputError, first_line
+from demofusion.text.clip import CLIPTextConfig, CLIPTextModel
+from demofusion.unet import UNet
+from demofusion.unet.convert import RESNET_RENAMES, _rename, sgm_key_map
 from demofusion.weights import PICKLE_SUFFIXES, WeightsError, read_tensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -295,10 +298,6 @@ def segment(flat: str, words: frozenset) -> tuple[list[str], bool] | None:
 def _vocabulary(component: str) -> frozenset:
     """The words our module names are made of, read from small instances of the module classes
     (built on the meta device: no memory); the UNet's also has the SGM names' words."""
-    from demofusion.text.clip import CLIPTextConfig, CLIPTextModel
-    from demofusion.unet import UNet
-    from demofusion.unet.convert import RESNET_RENAMES
-
     with torch.device("meta"):
         model = UNet("tiny") if component == "unet" else CLIPTextModel(CLIPTextConfig.preset("tiny-g"))
     names = [n for n, _ in model.named_modules()]
@@ -311,16 +310,12 @@ def _vocabulary(component: str) -> frozenset:
 
 @functools.lru_cache(maxsize=None)
 def _sdxl_sgm_map() -> dict:
-    from demofusion.unet.convert import sgm_key_map
-
     return sgm_key_map(*SDXL_SGM_STRUCTURE)
 
 
 def sgm_to_ours(path: str) -> str | None:
     """An SGM module path (``input_blocks.1.0.in_layers.2``) → ours (``down_blocks.0.resnets.0.conv1``),
     by the single-file converter's own renaming of the module's weight."""
-    from demofusion.unet.convert import _rename
-
     key = _rename(path + ".weight", _sdxl_sgm_map())
     return None if key is None else key.removesuffix(".weight")
 

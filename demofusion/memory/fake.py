@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..controlnet import ControlNet
+from ..fp8 import to_fp8_
+from ..text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TextEncoders
 from ..tensors import weight_bytes
+from ..unet import UNet, UNetConfig
+from ..vae import AutoencoderKL, VAEConfig
 from .measure import fake_input, fake_mode, on_fake_cuda, track
 
 
@@ -28,14 +33,10 @@ def _once(key, build):
 def fake_unet(config="sdxl-base", dtype=torch.float16, fp8: bool = False):
     """Our UNet (a preset name or a UNetConfig), fake CUDA, built once per (config, dtype, fp8);
     ``fp8``: its Linear/Conv weights stored as float8_e4m3fn (:func:`demofusion.fp8.to_fp8_`)."""
-    from ..unet import UNet, UNetConfig
-
     def build():
         with torch.device("meta"):
             unet = on_fake_cuda(UNet(UNetConfig.preset(config) if isinstance(config, str) else config), dtype)
         if fp8:
-            from ..fp8 import to_fp8_
-
             with fake_mode():
                 to_fp8_(unet)
         return unet
@@ -45,8 +46,6 @@ def fake_unet(config="sdxl-base", dtype=torch.float16, fp8: bool = False):
 
 def fake_controlnet(config, dtype=torch.float16):
     """Our ControlNet (a ControlNetConfig), fake CUDA, built once per (config, dtype)."""
-    from ..controlnet import ControlNet
-
     def build():
         with torch.device("meta"):
             return on_fake_cuda(ControlNet(config), dtype)
@@ -56,8 +55,6 @@ def fake_controlnet(config, dtype=torch.float16):
 
 def fake_vae(config="sdxl", dtype=torch.float16):
     """Our VAE (a preset name or a VAEConfig), fake CUDA, built once per (config, dtype)."""
-    from ..vae import AutoencoderKL, VAEConfig
-
     def build():
         with torch.device("meta"):
             return on_fake_cuda(AutoencoderKL(VAEConfig.preset(config) if isinstance(config, str) else config), dtype)
@@ -68,8 +65,6 @@ def fake_vae(config="sdxl", dtype=torch.float16):
 def fake_text(dtype=torch.float16, configs=("clip-l", "bigg")):
     """Two text encoders (default SDXL's: CLIP ViT-L, OpenCLIP bigG; presets or CLIPTextConfigs)
     with byte-level tokenizers."""
-    from ..text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TextEncoders
-
     def build():
         with torch.device("meta"):
             enc = [on_fake_cuda(CLIPTextModel(CLIPTextConfig.preset(c) if isinstance(c, str) else c), dtype)

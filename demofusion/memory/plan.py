@@ -22,9 +22,12 @@ import torch
 
 from ..config import UNITS, parse_budget  # noqa: F401  (re-exported: parse_budget lives in config)
 from ..errors import InputError
-from ..placement import POLICIES
+from ..fp8 import is_fp8
+from ..parallel import min_over_ranks
+from ..placement import POLICIES, stream_units
 from ..tensors import weight_bytes
-from .fake import _once, controlnet_call_peak, fake_vae, text_encode_peak, unet_call_peak, vae_encode_tile_peak
+from .fake import (_once, controlnet_call_peak, fake_text, fake_unet, fake_vae, text_encode_peak, unet_call_peak,
+                   vae_encode_tile_peak)
 from .measure import GiB
 from .stages import Stage, _latent_bytes, decode_peak, lone_halves, unet_calls
 
@@ -57,9 +60,6 @@ class Model:
 
     @classmethod
     def of(cls, pipe) -> "Model":
-        from ..fp8 import is_fp8
-        from ..placement import stream_units
-
         vae, text = pipe.vae, pipe.text
         upcasts = vae.dtype == torch.float16 and vae.on_fp16_overflow == "upcast" and vae.config.force_upcast
         vae_bytes = weight_bytes(vae) * (2 if upcasts else 1)
@@ -75,8 +75,6 @@ class Model:
 def preset_model(kind: str = "sdxl-base", dtype=torch.float16, fp8: bool = False, vae_dtype=None) -> Model:
     """The :class:`Model` of a preset at real shapes (fake CUDA modules: nothing is allocated)."""
     from types import SimpleNamespace
-
-    from .fake import fake_text, fake_unet
 
     return Model.of(SimpleNamespace(unet=fake_unet(kind, dtype, fp8), vae=fake_vae("sdxl", vae_dtype or dtype),
                                     text=fake_text(dtype)))
@@ -309,8 +307,6 @@ def plan_run(pipe, s, estimate_stages: bool = True, model: Model | None = None) 
     ``pipe`` only names the device): its budget, offload and batch."""
     budget = budget_of(pipe, s.max_memory)
     if s.max_memory == "auto" and s.distributed:  # each GPU's free memory differs: plan for the smallest
-        from ..parallel import min_over_ranks
-
         budget = min_over_ranks(budget)
     if budget is None and not estimate_stages:  # nothing to measure: the caller's choice as it is
         return MemoryPlan(None, Choice(s.offload or "none", s.view_batch_size or DEFAULT_VIEW_BATCH))

@@ -7,8 +7,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .fake import fake_text, fake_unet, fake_vae, text_encode_peak, unet_call_peak
+from ..images import tensor_to_unit
+# the pipeline's algorithm, checks and view batching sit below the planner; its class above it
+# (demofusion/pipeline/__init__.py)
+from ..pipeline.algorithm import view_layout
+from ..pipeline.guards import check_image
+from ..pipeline.reference import policy_for
+from ..pipeline.settings import validate
 from ..tensors import weight_bytes
+from ..unet import UNetConfig
+from ..vae import decode_tiled, decode_tiled_reference
+from .fake import fake_text, fake_unet, fake_vae, text_encode_peak, unet_call_peak
 from .measure import _Enough, fake_input, measure, reserve, track
 
 # Latent working set of an upscaling step besides the UNet call (fp32, counted, not measured):
@@ -47,11 +56,6 @@ def view_paths(s, k: int, layout=None) -> list[tuple[str, int, tuple[int, int], 
     ``mechanisms.view_layout``, default :func:`~demofusion.pipeline.algorithm.view_layout`) batched
     as the run's policy batches it (:meth:`~demofusion.pipeline.reference.Policy.batches`: paths of
     one shape together, unless ``reference_compat``)."""
-    # lazy (here and below): avoids the cycle memory.stages → pipeline (its __init__) →
-    # pipeline.pipeline → memory.plan → memory.stages; the pipeline sits above the memory planner
-    from ..pipeline.algorithm import view_layout
-    from ..pipeline.reference import policy_for
-
     paths = (layout or view_layout)(s, k)
     groups = policy_for(s.reference_compat).batches(paths, getattr(s, "control", None) is not None)
     return [("+".join(paths[n].path for n in members), sum(paths[n].count for n in members), paths[members[0]].shape,
@@ -61,9 +65,6 @@ def view_paths(s, k: int, layout=None) -> list[tuple[str, int, tuple[int, int], 
 def _step_chunks(s, k: int, layout=None) -> tuple[list, list]:
     """(paths, [(members, chunks)]) of a step of phase ``k``, cut as the denoiser cuts them
     (:meth:`~demofusion.pipeline.reference.Policy.step_chunks`: balanced, split for ``s.view_ranks``)."""
-    from ..pipeline.algorithm import view_layout
-    from ..pipeline.reference import policy_for
-
     paths = (layout or view_layout)(s, k)
     return paths, policy_for(s.reference_compat).step_chunks(paths, s.view_batch_size, getattr(s, "view_ranks", 1),
                                                              s.cfg, getattr(s, "control", None) is not None)
@@ -103,10 +104,6 @@ def decode_peak(s, k: int, vae, tile: int | None = None, tile_batch: int = 2) ->
     """(activation bytes, detail) of decoding phase ``k`` as the pipeline does (``_decode``: tiles
     of at most ``tile`` latents, default the VAE's native size, ``tile_batch`` at a time), and of
     turning the image into output (``check_image``, ``tensor_to_unit``: same-size temporaries)."""
-    from ..images import tensor_to_unit
-    from ..pipeline.guards import check_image
-    from ..vae import decode_tiled, decode_tiled_reference
-
     B, (h, w) = s.batch, (s.sizes[k][0] // 8, s.sizes[k][1] // 8)
     proxy, z = _FirstBatch(vae), fake_input(B, 4, h, w, dtype=torch.float32)
     if s.reference_compat and s.multi_decoder and k > 0:
@@ -148,9 +145,6 @@ def stage_table(height: int, width: int, view_batch_size: int = 16, cfg: bool = 
     runs: its phase sizes and path-by-path batches (``reference_compat``), text encoders resident
     throughout, its fp16 VAE upcast to fp32 to decode 16×-redundant tiles, all ``steps`` noised
     latents kept."""
-    from ..pipeline.settings import validate
-    from ..unet import UNetConfig
-
     base = UNetConfig.preset(kind).sample_size * 8
     s = validate(base, prompt=["a prompt"] * batch, height=height, width=width, view_batch_size=view_batch_size,
                  guidance_scale=7.5 if cfg else 1.0, num_inference_steps=steps, reference_compat=reference)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import parallel
+from ..images import image_to_tensor, tensor_to_pil, tensor_to_unit
 from ..memory.plan import MemoryPlan
 from ..vae import decode_tiled, decode_tiled_reference, encode_tiled
 from .guards import check_image, likely_cause
@@ -15,15 +16,11 @@ from .settings import Settings
 
 def to_pil(image: torch.Tensor):
     """[B,3,H,W] in [-1,1] → PIL images (uint8, rounded)."""
-    from ..images import tensor_to_pil
-
     return tensor_to_pil(image)
 
 
 def from_pil(image, size: tuple[int, int]) -> torch.Tensor:
     """PIL image, image file or tensor ([B,3,H,W] / [3,H,W] in [-1,1]) → [B,3,h,w] in [-1,1] at ``size``."""
-    from ..images import image_to_tensor
-
     return image_to_tensor(image, size)
 
 
@@ -57,8 +54,6 @@ def as_output(x: torch.Tensor, s: Settings, k: int):
     """A decoded phase-``k+1`` image [B,3,H,W] in [-1, 1] as ``output_type`` asks (PIL images or a
     tensor in [0, 1]); writes ``preview_dir/phase_<k+1>.png`` when asked."""
     if s.output_type == "pt":
-        from ..images import tensor_to_unit
-
         return tensor_to_unit(x)
     img = to_pil(x)
     if s.preview_dir is not None:

@@ -8,28 +8,33 @@ from pathlib import Path
 
 import torch
 
+from ..config import parse_budget
+from ..controlnet import load_controlnet
+from ..devices import default_dtype, resolve_device
+from ..errors import InputError
+from ..fp8 import to_fp8_
+from ..presets import tiny_components, tiny_controlnet
+from ..schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, by_name, from_config, is_sampler_name
+from ..text import load_text_encoders
+from ..unet import load_unet
+from ..vae import load_vae
+from ..vae.loading import save_vae
+from ..weights import WeightsError
+from .settings import _check_offload
+
 
 def load_components(path_or_preset, device="cpu", dtype=torch.float32, kind: str | None = None, scheduler=None,
                     variant: str | None = None, vae_dtype=None, seed: int = 0, allow_pickle: bool = False,
                     tokenizer_path=None):
     """``(unet, vae, text, scheduler, name)``; see :meth:`DemoFusionPipeline.from_pretrained`."""
-    from ..schedulers import SDXL_BASE_CONFIG, SDXL_TURBO_CONFIG, from_config
-
     as_scheduler = lambda s: from_config(s) if isinstance(s, (dict, str, Path)) else s
     if str(path_or_preset) == "tiny":
-        from ..presets import tiny_components
-
         unet, vae, text, sched = tiny_components(seed=seed, device=device, dtype=dtype)
         return unet, vae, text, as_scheduler(scheduler) if scheduler is not None else sched, "tiny"
     if str(path_or_preset) in ("sdxl-base", "sdxl-turbo"):
         raise FileNotFoundError(
             f"'{path_or_preset}' needs its weights: run `demofusion download {path_or_preset} --dir weights/` "
             f"and pass weights/{path_or_preset} (only 'tiny' is built without downloads)")
-    from ..text import load_text_encoders
-    from ..unet import load_unet
-    from ..vae import load_vae
-    from ..weights import WeightsError
-
     path = Path(path_or_preset).expanduser()
     if not path.exists():
         raise WeightsError(f"weights not found: {path} does not exist. Download them with "
@@ -50,11 +55,6 @@ def pretrained(cls, path_or_preset, device, dtype, kind, scheduler, variant, vae
                tokenizer_path, max_memory, offload, fp8, controlnet, vae, lora):
     """``cls.from_pretrained``: the components loaded (into CPU memory when a budget, an offload
     policy or fp8 will place them), the VAE swapped, fp8 applied, the ControlNets loaded."""
-    from ..devices import default_dtype, resolve_device
-    from ..config import parse_budget
-    from ..schedulers import by_name, is_sampler_name
-    from .settings import _check_offload
-
     device = resolve_device(device)
     dtype = default_dtype(device) if dtype is None else dtype
     max_memory, offload = parse_budget(max_memory), _check_offload(offload)
@@ -71,8 +71,6 @@ def pretrained(cls, path_or_preset, device, dtype, kind, scheduler, variant, vae
     for path, scale in lora or []:  # fused into the weights, before any fp8 storage
         pipe.load_lora(path, scale)
     if fp8:
-        from ..fp8 import to_fp8_
-
         to_fp8_(unet)
     pipe.max_memory, pipe.offload = max_memory, offload
     return pipe
@@ -80,9 +78,6 @@ def pretrained(cls, path_or_preset, device, dtype, kind, scheduler, variant, vae
 
 def load_controlnets(controlnet, unet, dtype, seed: int = 0) -> list:
     """Paths, modules or ``"tiny"`` (random, fitting ``unet``) → ControlNets beside the UNet, in ``dtype``."""
-    from ..controlnet import load_controlnet
-    from ..presets import tiny_controlnet
-
     items = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] if controlnet is not None else []
     return [n if isinstance(n, torch.nn.Module) else
             tiny_controlnet(unet.config, seed + k + 1, unet.device, dtype) if str(n) == "tiny" else
@@ -92,9 +87,6 @@ def load_controlnets(controlnet, unet, dtype, seed: int = 0) -> list:
 def swap_vae(path, unet, dtype, allow_pickle: bool = False):
     """Another VAE (a diffusers VAE folder, one safetensors file in diffusers or LDM names), where the
     UNet is; its latent channels must fit the UNet's."""
-    from ..errors import InputError
-    from ..vae import load_vae
-
     vae = load_vae(path, dtype=dtype, device=unet.device, allow_pickle=allow_pickle)
     if vae.config.latent_channels != unet.config.in_channels:
         raise InputError(f"vae {path}: its latents have {vae.config.latent_channels} channels, the UNet takes "
@@ -106,8 +98,6 @@ def save_components(pipe, folder) -> Path:
     """Write the diffusers folder layout (safetensors + config.json per component, tokenizers,
     scheduler config, model_index.json) — loadable by ``from_pretrained`` and by diffusers."""
     from safetensors.torch import save_file
-
-    from ..vae.loading import save_vae
 
     folder = Path(folder)
     (folder / "unet").mkdir(parents=True, exist_ok=True)

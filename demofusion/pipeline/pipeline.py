@@ -24,19 +24,21 @@ from typing import Callable
 
 import torch
 
-from ..config import DemoFusionConfig
-from ..memory.plan import MemoryPlan, plan_run
 from .. import parallel
+from ..config import DemoFusionConfig
+from ..controlnet.guide import Guide, check_fits
+from ..devices import resolve_device
+from ..lora import LoraStack
+from ..memory.plan import MemoryPlan, plan_run
 from ..placement import Placement
+from ..schedulers import by_name, sampler_key
 from . import algorithm as A
 from .algorithm import Mechanisms, MultiViewDenoiser
 from .decoding import encode_image, from_pil, phase_output, to_pil  # noqa: F401 (from_pil, to_pil re-exported)
-from ..controlnet.guide import Guide
-from ..lora import LoraStack
 from .denoise import Conditioning, GuidedUNet, needs_noise, phase_generators, steps_of
 from .draws import PhaseDraws, upload
 from .guards import FiniteWatch, likely_cause
-from .loading import save_components
+from .loading import pretrained, save_components
 from .reference import policy_for
 from .settings import Settings, validate
 from .steps import first_entry, run_scheduler
@@ -58,9 +60,6 @@ class DemoFusionPipeline:
         """``device``: where the work runs (default: where the UNet is); the components may wait
         elsewhere (e.g. in CPU memory): each run brings them as its offload policy says.
         ``controlnet``: a ControlNet or a list of them (docs/api.md, ControlNets), checked to fit the UNet."""
-        from ..controlnet.guide import check_fits
-        from ..devices import resolve_device
-
         self.unet, self.vae, self.text, self.scheduler = unet, vae, text, scheduler
         nets = controlnet if isinstance(controlnet, (list, tuple)) else [] if controlnet is None else [controlnet]
         for k, net in enumerate(nets):
@@ -100,8 +99,6 @@ class DemoFusionPipeline:
         loaded module, ``"tiny"`` (random, fits the tiny preset), or a list of those, loaded in ``dtype``.
         """
         args = {k: v for k, v in locals().items() if k != "cls"}
-        from .loading import pretrained
-
         return pretrained(cls, **args)
 
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
@@ -123,8 +120,6 @@ class DemoFusionPipeline:
         every option from the model's scheduler config (kept whole across switches), its timestep
         spacing unless ``timestep_spacing`` is given ("leading", "trailing", "linspace"), its σ unless
         ``sigmas`` is "karras" or "exponential" (docs/components.md, Samplers); returns self."""
-        from ..schedulers import by_name
-
         self.scheduler = by_name(name, self.scheduler, timestep_spacing, sigmas)
         return self
 
@@ -166,8 +161,6 @@ class DemoFusionPipeline:
         """Check the arguments of a call (same names as ``__call__``) without running it: the
         normalised :class:`Settings`, or an :class:`~demofusion.errors.InputError` naming the
         argument and the fix."""
-        from ..schedulers import sampler_key
-
         T = self.scheduler.config.get("num_train_timesteps", 1000)
         for k in ("max_memory", "offload"):  # the pipeline's defaults (from_pretrained) unless given
             kwargs[k] = getattr(self, k) if kwargs.get(k) is None else kwargs[k]

@@ -20,7 +20,11 @@ from ..config import (GUIDANCE_MAX, MAX_PHASES, DemoFusionConfig, check_bool, ch
 from ..controlnet.guide import check_control
 from .. import parallel
 from ..errors import InputError
+from ..images import image_to_tensor
 from ..placement import POLICIES
+from ..run_presets import get_preset, preset_values
+from ..schedulers.names import parse_sampler
+from ..schedulers.schedule import SPACINGS
 from . import mechanisms as M
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -312,10 +316,6 @@ def validate(pipe_base_size: int, vae_scale: int = 8, mech=M, *, prompt, negativ
 def _sampling(preset, overrides: dict, **given) -> dict:
     """Steps, guidance and the call's sampler (normalised: our name, σ schedule, spacing), the
     preset filling what was not given (its knobs go into ``overrides`` unless given there)."""
-    from ..run_presets import get_preset, preset_values
-    from ..schedulers.names import parse_sampler
-    from ..schedulers.schedule import SPACINGS
-
     explicit = {k for k, v in given.items() if v is not UNSET and v is not None} | set(overrides)
     values = preset_values(get_preset(preset).name, explicit) if preset is not None else {}
     for k, v in values.items():
@@ -375,8 +375,6 @@ def _with_tensors(s: Settings, image, latents, upscale_noise, resume_latents, va
     B, f = s.batch, vae_scale
     lat = [(B, 4, h // f, w // f) for h, w in s.sizes]
     if image is not None:
-        from ..images import image_to_tensor
-
         if latents is not None:
             raise InputError("give image (img2img) or latents (phase-1 noise), not both")
         image = image_to_tensor(image, s.sizes[0])

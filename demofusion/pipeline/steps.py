@@ -8,6 +8,8 @@ the skip residual acting from there on (docs/algorithm.md, "Fewer evaluations").
 
 from __future__ import annotations
 
+from ..schedulers import by_name, sampler_key
+
 
 def upscale_start(n: int, strength: float) -> int:
     """The first step an upscaling phase of ``n`` steps runs: where a fraction ``strength`` of the
@@ -39,6 +41,4 @@ def run_scheduler(scheduler, s):
     names, built on the model's schedule (a new instance: its multistep history is the run's)."""
     if s.sampler is None and s.sigmas is None and s.timestep_spacing is None:
         return scheduler
-    from ..schedulers import by_name, sampler_key
-
     return by_name(s.sampler or sampler_key(scheduler), scheduler, s.timestep_spacing, s.sigmas)

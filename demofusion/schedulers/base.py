@@ -22,8 +22,23 @@ DIFFUSERS_COMMON = {
     "steps_offset": 0,
 }
 # SDXL's training schedule (constructor defaults: ``EulerDiscreteScheduler()`` is SDXL base's)
-SDXL_COMMON = dict(DIFFUSERS_COMMON, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   steps_offset=1, timestep_spacing="leading")
+SDXL_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+                 "timestep_spacing": "leading"}
+SDXL_COMMON = dict(DIFFUSERS_COMMON, **SDXL_SCHEDULE)
+
+
+def sdxl_defaults(common: dict, extra: dict) -> dict:
+    """A sampler's constructor defaults: ``common`` (diffusers' defaults it shares with its family)
+    on SDXL's training schedule, plus its own options ``extra``."""
+    return {**common, **SDXL_SCHEDULE, **extra}
+
+
+def check_only(scheduler: Scheduler, only: dict) -> None:
+    """Refuse options this sampler implements one value of: ``only`` maps each to that value."""
+    name = type(scheduler).__name__
+    for key, value in only.items():
+        if scheduler.config[key] != value:
+            raise ValueError(f"{name}: {key}={scheduler.config[key]!r} is not supported (only {value!r})")
 
 
 class Scheduler:

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .base import check_only, sdxl_defaults
 from .config import check_choice
 from .multistep import SOLVER_COMMON, MultistepSolver, alpha_sigma, half_log_snr
 
@@ -69,8 +70,7 @@ class DPMSolverMultistepScheduler(MultistepSolver):
     ``use_karras_sigmas``, ``use_exponential_sigmas``.
     """
 
-    _defaults = dict(SOLVER_COMMON, steps_offset=1, timestep_spacing="leading", beta_start=0.00085,
-                     beta_end=0.012, beta_schedule="scaled_linear", **_DPM_EXTRA)
+    _defaults = sdxl_defaults(SOLVER_COMMON, _DPM_EXTRA)
     _diffusers_defaults = dict(SOLVER_COMMON, **_DPM_EXTRA)
 
     def __init__(self, **config):
@@ -78,10 +78,8 @@ class DPMSolverMultistepScheduler(MultistepSolver):
         name = type(self).__name__
         check_choice(name, "algorithm_type", self.config["algorithm_type"], ("dpmsolver++", "sde-dpmsolver++"))
         check_choice(name, "solver_type", self.config["solver_type"], ("midpoint", "heun"))
-        for key, off in (("lambda_min_clipped", -math.inf), ("variance_type", None), ("use_lu_lambdas", False),
-                         ("use_flow_sigmas", False)):
-            if self.config[key] != off:
-                raise ValueError(f"{name}: {key}={self.config[key]!r} is not supported (only {off!r})")
+        check_only(self, {"lambda_min_clipped": -math.inf, "variance_type": None, "use_lu_lambdas": False,
+                          "use_flow_sigmas": False})
 
     @property
     def stochastic(self) -> bool:

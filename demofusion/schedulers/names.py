@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 
+from ..errors import InputError
+from .base import Scheduler
 from .config import SDXL_BASE_CONFIG, read_config
+from .schedule import SPACINGS
 
 # name → (class, the options that make it that sampler, its A1111 name)
 SAMPLERS = {
@@ -47,8 +50,6 @@ def _compact(text: str) -> str:
 def parse_sampler(name: str, sigmas: str | None = None) -> tuple[str, str | None]:
     """(our sampler name, σ schedule or None) of ``name`` in any accepted spelling: "dpm++2m",
     "DPM++ 2M Karras", "dpmpp_2m" (+ ``sigmas="karras"``), "Euler a", "UniPC", …"""
-    from ..errors import InputError
-
     if not isinstance(name, str):
         raise InputError(f"scheduler {name!r}: give a sampler name, e.g. {', '.join(SAMPLER_NAMES)}")
     key, implied = _compact(name), None
@@ -72,10 +73,6 @@ def parse_sampler(name: str, sigmas: str | None = None) -> tuple[str, str | None
 def sampler_options(name: str, config, timestep_spacing: str | None = None, sigmas: str | None = None):
     """(class name, the config to build it from): the model's config whole, the family's values where
     it is silent, the sampler's own options, the σ schedule and spacing asked for."""
-    from ..errors import InputError
-    from .base import Scheduler
-    from .schedule import SPACINGS
-
     key, kind = parse_sampler(name, sigmas)
     cls_name, options, _ = SAMPLERS[key]
     if timestep_spacing is not None and timestep_spacing not in SPACINGS:
@@ -127,8 +124,6 @@ def a1111_name(scheduler) -> str:
 
 def is_sampler_name(name) -> bool:
     """Whether ``name`` is a sampler name in any accepted spelling (else e.g. a config path)."""
-    from ..errors import InputError
-
     if not isinstance(name, str):
         return False
     try:

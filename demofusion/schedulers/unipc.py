@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import check_only, sdxl_defaults
 from .config import check_choice
 from .multistep import SOLVER_COMMON, MultistepSolver, alpha_sigma, half_log_snr
 
@@ -56,17 +57,14 @@ class UniPCMultistepScheduler(MultistepSolver):
     passes back what ``step_at`` returned gets UniC's x_c exactly (docs/components.md, "Stateful samplers").
     """
 
-    _defaults = dict(SOLVER_COMMON, steps_offset=1, timestep_spacing="leading", beta_start=0.00085,
-                     beta_end=0.012, beta_schedule="scaled_linear", **_UNIPC_EXTRA)
+    _defaults = sdxl_defaults(SOLVER_COMMON, _UNIPC_EXTRA)
     _diffusers_defaults = dict(SOLVER_COMMON, **_UNIPC_EXTRA)
 
     def __init__(self, **config):
         super().__init__(**config)
         name = type(self).__name__
         check_choice(name, "solver_type", self.config["solver_type"], ("bh2",))
-        for key, off in (("predict_x0", True), ("solver_p", None), ("use_flow_sigmas", False)):
-            if self.config[key] != off:
-                raise ValueError(f"{name}: {key}={self.config[key]!r} is not supported (only {off!r})")
+        check_only(self, {"predict_x0": True, "solver_p": None, "use_flow_sigmas": False})
 
     def _reset_history(self):
         super()._reset_history()

@@ -19,7 +19,7 @@ def have_gradio() -> bool:
 
 def build_app(pipe_or_model="tiny", **kwargs):
     """The gradio Blocks of the UI for a model path / preset or a loaded pipeline (see app.build_app)."""
-    from .app import build_app as build
+    from .app import build_app as build  # lazy: ui.app imports gradio, an optional extra
 
     return build(pipe_or_model, **kwargs)
 
@@ -27,7 +27,7 @@ def build_app(pipe_or_model="tiny", **kwargs):
 def launch(model="tiny", host="127.0.0.1", port=7860, controlnet=None, device="auto", share=False, out="out/ui",
            setup: dict | None = None):
     """Load ``model`` once and serve the UI on ``host:port`` until Ctrl-C (see app.launch)."""
-    from .app import launch as serve
+    from .app import launch as serve  # lazy: ui.app imports gradio, an optional extra
 
     return serve(model=model, host=host, port=port, controlnet=controlnet, device=device, share=share, out=out,
                  setup=setup)

@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from ..cli.args import DEFAULTS  # noqa: E402
+from ..cli.common import CLIError  # noqa: E402
 from ..errors import InputError, first_line  # noqa: E402
 from . import runner, worker  # noqa: E402
 from ..config import knobs  # noqa: E402
@@ -296,8 +297,6 @@ def _finish(run, snap, shown, history, c) -> dict:
 
 
 def _check_port(host: str, port: int) -> None:
-    from ..cli.common import CLIError
-
     if not 0 < port < 65536:
         raise CLIError(f"--port {port}: give a port in 1..65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 
 from ..config import GUIDANCE_MAX, Knob, knobs
-from ..errors import InputError
+from ..errors import InputError, reword
+from ..schedulers.names import SAMPLERS, SIGMA_SCHEDULE_CLASSES, SIGMAS
 
 # argument → the label the page shows (errors name arguments; the page says labels)
 LABELS = {
@@ -74,8 +75,6 @@ HELP = {
 def sampler_choices() -> list[tuple[str, str]]:
     """The Sampler menu: (label, value) pairs, the model's own first, then every sampler by its A1111
     name, with " Karras" / " Exponential" for those that take a σ schedule."""
-    from ..schedulers.names import SAMPLERS, SIGMA_SCHEDULE_CLASSES, SIGMAS
-
     names = []
     for cls, _, a1111 in SAMPLERS.values():
         names += [a1111] + ([f"{a1111} {k.capitalize()}" for k in SIGMAS] if cls in SIGMA_SCHEDULE_CLASSES else [])
@@ -126,8 +125,6 @@ def in_page_words(message: str, uploads=()) -> str:
     → ``Width 500``, ``--scale`` → ``Scale``, no advice to pass ``force=True``; ``uploads``: the server's
     temporary paths of uploaded files, named by their file names."""
     from pathlib import Path
-
-    from ..errors import reword
 
     names = {str(p): Path(p).name for p in uploads if p}
     return reword(message, {**LABELS, **FLAG_LABELS, **NOT_IN_PAGE, **names})

@@ -11,8 +11,16 @@ import threading
 from dataclasses import dataclass, field, make_dataclass
 from types import SimpleNamespace
 
+from ..cli.args import PLACEMENT_KEYS, RUN_KEYS
+from ..cli.common import check_device, check_dtype, defaults, load_pipeline, model_fingerprint, parse_loras
+from ..cli.control import canny, net_hashes
+from ..cli.generate import _image_size
+from ..cli.sampling import normalise_sampler
 from ..config import knobs
 from ..errors import InputError, first_line
+from ..images import load_image
+from ..pipeline.settings import check_int
+from ..schedulers import parse_sampler
 from .knobs import in_page_words, page_value
 
 MODES = ("txt2img", "img2img", "control")
@@ -53,9 +61,6 @@ def load_model(model: str = "tiny", device: str = "auto", controlnet: str | None
                setup: dict | None = None) -> Model:
     """Load as `demofusion generate` does (same checks, same one-line errors). ``setup``: the
     model options of a run (``vae``, ``lora``, ``scheduler``, ``timestep_spacing``), applied once."""
-    from ..cli.common import check_device, check_dtype, defaults, load_pipeline, model_fingerprint, parse_loras
-    from ..cli.sampling import normalise_sampler
-
     setup = normalise_sampler({k: v for k, v in (setup or {}).items() if v})
     params = defaults() | setup | {"model": str(model), "device": check_device(device),
                                    "controlnet": [str(controlnet)] if controlnet else None}
@@ -73,9 +78,6 @@ def load_model(model: str = "tiny", device: str = "auto", controlnet: str | None
 def wrap_pipeline(pipe, model: str | None = None, controlnet: str | None = None, device: str | None = None,
                   dtype: str | None = None) -> Model:
     """A pipeline loaded elsewhere; ``model`` / ``controlnet``: the names its runs record."""
-    from ..cli.common import model_fingerprint
-    from ..cli.control import net_hashes
-
     name = str(model or getattr(pipe, "name", "custom"))
     if pipe.controlnets and controlnet is None:
         controlnet = "tiny" if name == "tiny" else "custom"
@@ -133,9 +135,6 @@ class Plan:
 
 def edges(path, low, high):
     """Canny edges of the picture at ``path`` (the CLI's OpenCV helper), thresholds checked."""
-    from ..cli.control import canny
-    from ..pipeline.settings import check_int
-
     try:
         return canny(path, check_int("Canny low", low, 0, 1000), check_int("Canny high", high, 0, 1000))
     except InputError as e:
@@ -167,11 +166,6 @@ SEED_MAX = 2**64 - 1  # the pipeline's range (docs/api.md)
 
 
 def _prepare(model: Model, page: Page) -> Plan:
-    from ..cli.args import PLACEMENT_KEYS, RUN_KEYS
-    from ..cli.common import defaults
-    from ..cli.generate import _image_size
-    from ..images import load_image
-
     if page.mode not in MODES:
         raise InputError(f"unknown mode {page.mode!r}; use one of {', '.join(MODES)}")
     params = defaults() | {
@@ -213,8 +207,6 @@ def _prepare(model: Model, page: Page) -> Plan:
 def _sampler(model: Model, page: Page, params: dict) -> dict:
     """The Sampler menu's choice → the call's sampler (on the app's --timestep-spacing), recorded as
     the CLI's --scheduler/--sigmas; empty: the pipeline's own (the app's --scheduler, if any)."""
-    from ..schedulers import parse_sampler
-
     if not page.sampler:
         return {}
     name, kind = parse_sampler(page.sampler)
@@ -224,8 +216,6 @@ def _sampler(model: Model, page: Page, params: dict) -> dict:
 
 def _control(model: Model, page: Page, plan: Plan) -> dict:
     """The ControlNet's map and arguments (recorded as the CLI's --control… flags)."""
-    from ..images import load_image
-
     if not model.controlnet:
         raise InputError("this app was started without a ControlNet; restart it with --controlnet PATH (or tiny)")
     if page.control_from == "canny":
@@ -250,16 +240,12 @@ def _control(model: Model, page: Page, plan: Plan) -> dict:
 
 def target_size(picture, scale, size_from_picture: bool, height, width) -> str:
     """One line for the image-to-image tab: the picture's size and the target's."""
-    from ..images import load_image
-
     if not picture:
         return "Upload a picture to upscale."
     try:
         im = load_image(picture, "Picture")
         if not size_from_picture:
             return f"Picture {im.width}×{im.height} px → Width × Height {width}×{height} px."
-        from ..cli.generate import _image_size
-
         p = {"height": None, "width": None}
         _image_size(im, SimpleNamespace(scale=scale if scale is not None else 2.0, height=None, width=None), p)
         times = scale if scale is not None else 2

@@ -18,7 +18,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import __version__
+from ..cli.common import is_oom, oom_message, sampler_name
+from ..cli.control import control_hashes
+from ..cli.generate import run_id
 from ..errors import InputError, NonFiniteError, first_line
+from ..outputs import RUN_FILE, new_run_folder, save_latents, save_png, write_json
+from ..pipeline.steps import run_scheduler
 from .knobs import in_page_words
 from .runner import Model, Plan
 
@@ -57,8 +63,6 @@ class Run:
 
     # the folder: inputs copied in, every recorded key filled, run.json
     def start(self) -> None:
-        from ..outputs import new_run_folder
-
         self.folder = new_run_folder(self.out_root, self.plan.params["seed"])
         try:
             self._complete_params()
@@ -69,13 +73,6 @@ class Run:
         self.thread.start()
 
     def _complete_params(self) -> None:
-        from .. import __version__
-        from ..cli.common import sampler_name
-        from ..cli.control import control_hashes
-        from ..cli.generate import run_id
-        from ..outputs import RUN_FILE, write_json
-        from ..pipeline.steps import run_scheduler
-
         p, m = self.plan.params, self.model
         names = {"image": "input", "control_source": "control_source", "control_image": "control_map"}
         for key, src in self.plan.inputs.items():
@@ -94,9 +91,6 @@ class Run:
         write_json(self.folder / RUN_FILE, p)
 
     def _work(self) -> None:
-        from ..cli.common import is_oom, oom_message
-        from ..outputs import save_latents, save_png
-
         s, params = self.plan.settings, self.plan.params
 
         def callback(phase, step, t, latents):

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..parallel import Serial
 from .model import AutoencoderKL, DiagonalGaussian
 
 
@@ -93,29 +94,36 @@ def _axis_weights(starts: list[int], tile: int, length: int, mul: int) -> list[t
 
 
 def _blend_tiles(
+    vae: AutoencoderKL,
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     grid: tuple[int, int],
     in_mul: int,
     out_mul: int,
     out_channels: int,
-    tile: int,
-    overlap: int,
+    tile_size: int | None,
+    overlap: int | None,
     batch_size: int,
-    compute_device: torch.device,
     out_dtype: torch.dtype,
     out_device,
     runner=None,
 ) -> torch.Tensor:
-    """Apply ``fn`` to overlapping tiles of ``x`` and cross-fade the results.
+    """Apply ``fn`` (one half of ``vae``, run where the VAE is) to overlapping tiles of ``x`` and
+    cross-fade the results.
 
     Positions are in latent-grid units: a tile at grid offset g reads ``x`` from ``g·in_mul``
-    and writes the output from ``g·out_mul``. ``runner`` (:mod:`demofusion.parallel`): under a
-    process group, each round of batches is shared by the ranks (one batch each), gathered, and
-    blended in the one-process order.
+    and writes the output from ``g·out_mul``. Tiles of at most ``tile_size`` (default: the VAE's
+    native size in latents), overlapping by ``overlap`` (default a quarter tile, at least 16
+    latents: the decoder's zero padding disturbs ~5 latents, 40 px, inside a tile edge, which the
+    cross-fade must reach past). ``runner`` (:mod:`demofusion.parallel`): under a process group,
+    each round of batches is shared by the ranks (one batch each), gathered, and blended in the
+    one-process order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tile = tile_size or max(vae.config.sample_size // vae.scale_factor, 1)
+    overlap = min(max(tile // 4, 16), tile // 2) if overlap is None else overlap
+    compute_device = vae.device
     (gh, gw), b = grid, x.shape[0]
     (th, hs), (tw, ws) = tile_layout(gh, tile, overlap), tile_layout(gw, tile, overlap)
     wh, ww = _axis_weights(hs, th, gh, out_mul), _axis_weights(ws, tw, gw, out_mul)
@@ -124,8 +132,6 @@ def _blend_tiles(
     tiles = [(i, j) for i in range(len(hs)) for j in range(len(ws))]
     batches = [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]
     if runner is None:
-        from ..parallel import Serial
-
         runner = Serial()
 
     def run(chunk) -> torch.Tensor:
@@ -148,23 +154,9 @@ def _blend_tiles(
     return out
 
 
-def _defaults(vae: AutoencoderKL, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
-    tile = tile_size or max(vae.config.sample_size // vae.scale_factor, 1)
-    # a quarter tile, but at least 16 latents: the decoder's zero padding disturbs ~5 latents
-    # (40 px) inside a tile edge, which the cross-fade must reach past
-    return tile, (min(max(tile // 4, 16), tile // 2) if overlap is None else overlap)
-
-
-def decode_tiled(
-    vae: AutoencoderKL,
-    z: torch.Tensor,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    batch_size: int = 2,
-    out_dtype: torch.dtype = torch.float32,
-    out_device=None,
-    runner=None,
-) -> torch.Tensor:
+def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, tile_size: int | None = None, overlap: int | None = None,
+                 batch_size: int = 2, out_dtype: torch.dtype = torch.float32, out_device=None,
+                 runner=None) -> torch.Tensor:
     """Decode unscaled latents ``z`` [B,4,h,w] → image [B,3,8h,8w] in overlapping, blended tiles.
 
     ``tile_size``/``overlap`` are in latents (defaults: the VAE's native size, 128 for SDXL, and
@@ -176,21 +168,12 @@ def decode_tiled(
     """
     if z.ndim != 4:
         raise ValueError(f"decode_tiled expects latents [B,C,h,w], got shape {tuple(z.shape)}")
-    tile, overlap = _defaults(vae, tile_size, overlap)
-    sf = vae.scale_factor
-    return _blend_tiles(vae.decode, z, tuple(z.shape[2:]), 1, sf, vae.config.out_channels, tile, overlap,
-                        batch_size, vae.device, out_dtype, out_device, runner)
+    return _blend_tiles(vae, vae.decode, z, tuple(z.shape[2:]), 1, vae.scale_factor, vae.config.out_channels,
+                        tile_size, overlap, batch_size, out_dtype, out_device, runner)
 
 
-def encode_tiled(
-    vae: AutoencoderKL,
-    x: torch.Tensor,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    batch_size: int = 2,
-    out_device=None,
-    runner=None,
-) -> DiagonalGaussian:
+def encode_tiled(vae: AutoencoderKL, x: torch.Tensor, tile_size: int | None = None, overlap: int | None = None,
+                 batch_size: int = 2, out_device=None, runner=None) -> DiagonalGaussian:
     """Encode a large image ``x`` [B,3,H,W] (H, W multiples of 8) in overlapping tiles.
 
     Same tiling as :func:`decode_tiled` on the latent grid (tiles of ``8·tile_size`` pixels);
@@ -199,15 +182,14 @@ def encode_tiled(
     sf = vae.scale_factor
     if x.ndim != 4 or x.shape[2] % sf or x.shape[3] % sf:
         raise ValueError(f"encode_tiled expects images [B,3,H,W] with H, W multiples of {sf}, got {tuple(x.shape)}")
-    tile, overlap = _defaults(vae, tile_size, overlap)
 
     def moments(t: torch.Tensor) -> torch.Tensor:
         post = vae.encode(t)
         return torch.cat([post.mean, post.logvar], dim=1)
 
     grid = (x.shape[2] // sf, x.shape[3] // sf)
-    m = _blend_tiles(moments, x, grid, sf, 1, 2 * vae.config.latent_channels, tile, overlap,
-                     batch_size, vae.device, torch.float32, out_device, runner)
+    m = _blend_tiles(vae, moments, x, grid, sf, 1, 2 * vae.config.latent_channels, tile_size, overlap,
+                     batch_size, torch.float32, out_device, runner)
     return DiagonalGaussian(m)
 
 

@@ -206,7 +206,7 @@ def test_a_prompts_batch_checks_its_files_too(files, capsys, tmp_path):
 
 
 def test_a_tiny_model_folder_passes_the_checks(files):
-    # (a whole run from such a folder: tests/test_inspect.py::test_generate_from_a_model_folder)
+    # (a whole run from such a folder: tests/inspection/test_checkpoints.py::test_generate_from_a_model_folder)
     from demofusion.cli.preflight import check_files
 
     d, _, _ = files

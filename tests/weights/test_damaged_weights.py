@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from demofusion.errors import InputError
-from demofusion.inspect import inspect
+from demofusion.inspection import inspect
 from demofusion.pipeline import DemoFusionPipeline
 from demofusion.text import load_text_encoder, load_text_encoders
 from demofusion.unet import load_unet

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import first_line
-from .inspect_report import ComponentReport, Report, _meta
+from ..controlnet import ControlNet
+from ..controlnet.loading import pick_config
+from ..errors import first_line
+from ..lora import LoraError, read_lora
+from ..lora.formats import listing
+from ..presets import tiny_components
+from ..weights import WeightsError, build_meta, fit_problems, read_config, word_fit_problems
+from .report import ComponentReport, Report, _meta
 
 FP16_MAX = 65504.0  # the largest finite float16
 _NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -54,8 +60,6 @@ def file_tensors(file: Path, prefix: str = ""):
 def check_values(rep, tensors) -> None:
     """Add to a ComponentReport what its values say: NaN/Inf is a problem (every picture would be
     NaN), values beyond float16's range a warning (the GPU default dtype would overflow)."""
-    from .lora.formats import listing
-
     bad, big = value_problems(tensors)
     if bad:
         rep.problems.append(f"{rep.file}: {len(bad)} tensors hold NaN/Inf values ({listing(bad)}); the file is "
@@ -68,8 +72,6 @@ def check_values(rep, tensors) -> None:
 
 def lora_report(path: Path, file: Path, header: dict, problems: list[str]):
     """A LoRA file: its layout and targets (read and checked as loading reads it, values too)."""
-    from .lora import LoraError, read_lora
-
     rep = ComponentReport("lora", str(file), sum(math.prod(v["shape"]) for v in header.values()),
                           dict(Counter(v["dtype"] for v in header.values())), problems=list(problems))
     kind = "LoRA"
@@ -86,10 +88,6 @@ def lora_report(path: Path, file: Path, header: dict, problems: list[str]):
 
 def controlnet_report(path: Path, file: Path, header: dict, problems: list[str]):
     """An SDXL ControlNet: keys and shapes against the ControlNet its config (or shapes) describes."""
-    from .controlnet import ControlNet
-    from .controlnet.loading import pick_config
-    from .weights import WeightsError, build_meta, fit_problems, read_config, word_fit_problems
-
     rep = ComponentReport("controlnet", str(file), sum(math.prod(v["shape"]) for v in header.values()),
                           dict(Counter(v["dtype"] for v in header.values())), problems=list(problems))
     try:
@@ -112,8 +110,6 @@ def controlnet_report(path: Path, file: Path, header: dict, problems: list[str])
 
 def tiny_report():
     """The ``tiny`` preset: built in memory from a fixed seed, no files."""
-    from .presets import tiny_components
-
     unet, vae, text, _ = tiny_components()
     modules = {"unet": unet, "vae": vae, "text_encoder": text.text_encoder, "text_encoder_2": text.text_encoder_2}
     reps = []

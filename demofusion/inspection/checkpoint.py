@@ -1,5 +1,5 @@
 """`demofusion inspect`: what a checkpoint is, from its safetensors headers, then its values (one
-tensor at a time: finite, within float16's range; :mod:`demofusion.inspect_kinds`).
+tensor at a time: finite, within float16's range; :mod:`demofusion.inspection.kinds`).
 
 Inspecting runs the loaders' own checks, through the same functions of
 :mod:`demofusion.weights`, so a report is clean exactly when loading would succeed, and
@@ -20,10 +20,17 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .errors import first_line
-from .inspect_report import ComponentReport, Report, _meta  # the report types live below inspect_kinds
-from .inspect_kinds import USAGE, check_values, controlnet_report, file_tensors, lora_report, tiny_report
-from .weights import (
+from ..errors import first_line
+from ..text.clip import CLIPTextModel
+from ..text.convert import from_open_clip, from_transformers, is_open_clip_layout
+from ..text.encoders import pick_config as pick_text_config
+from ..unet import UNet
+from ..unet.convert import convert_sgm_unet
+from ..unet.loading import pick_config as pick_unet_config
+from ..vae import AutoencoderKL
+from ..vae.convert import from_diffusers, from_ldm, is_ldm_layout
+from ..vae.loading import pick_config as pick_vae_config
+from ..weights import (
     COMPONENT_NAMES,
     SINGLE_FILE_PREFIXES,
     WeightsError,
@@ -33,7 +40,9 @@ from .weights import (
     safetensors_header,
     word_fit_problems,
 )
-from .weights.kinds import kind_of_keys
+from ..weights.kinds import kind_of_keys
+from .kinds import USAGE, check_values, controlnet_report, file_tensors, lora_report, tiny_report
+from .report import ComponentReport, Report, _meta  # the report types live below kinds
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -62,33 +71,21 @@ def _expected(component: str, file: Path, sd: dict, single: bool, config: dict |
     """
     what = COMPONENT_NAMES[component]
     if component == "unet":
-        from .unet import UNet
-        from .unet.convert import convert_sgm_unet
-        from .unet.loading import pick_config
-
         if single:
             try:
                 sd = convert_sgm_unet(sd)
             except ValueError as e:
                 raise WeightsError(f"{file}: {e}") from None
             config = None
-        cfg, config_file = pick_config(sd, config, config_file, kind=kind)
+        cfg, config_file = pick_unet_config(sd, config, config_file, kind=kind)
         module = build_meta(lambda: UNet(cfg), what, config_file)
     elif component == "vae":
-        from .vae import AutoencoderKL
-        from .vae.convert import from_diffusers, from_ldm, is_ldm_layout
-        from .vae.loading import pick_config
-
         sd = from_ldm(sd) if is_ldm_layout(sd) else from_diffusers(sd)
-        cfg, config_file = pick_config(sd, config, config_file, single)
+        cfg, config_file = pick_vae_config(sd, config, config_file, single)
         module = build_meta(lambda: AutoencoderKL(cfg), what, config_file)
     else:
-        from .text.clip import CLIPTextModel
-        from .text.convert import from_open_clip, from_transformers, is_open_clip_layout
-        from .text.encoders import pick_config
-
         sd = from_open_clip(sd) if is_open_clip_layout(sd) else from_transformers(sd)
-        cfg, config_file = pick_config(sd, 1 if component == "text_encoder" else 2, config, config_file, single)
+        cfg, config_file = pick_text_config(sd, 1 if component == "text_encoder" else 2, config, config_file, single)
         module = build_meta(lambda: CLIPTextModel(cfg), what, config_file)
     return sd, {k: v.shape for k, v in module.state_dict().items()}
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from demofusion.cli import main
-from demofusion.inspect import inspect, read_header
+from demofusion.inspection import inspect, read_header
 from demofusion.pipeline import DemoFusionPipeline
 from demofusion.unet import load_unet
 from demofusion.weights import WeightsError

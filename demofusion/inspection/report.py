@@ -1,6 +1,6 @@
 """What `demofusion inspect` reports: one :class:`ComponentReport` per file part, gathered in a
-:class:`Report`. Its own module, below :mod:`demofusion.inspect` and :mod:`demofusion.inspect_kinds`,
-which both build reports (importable from :mod:`demofusion.inspect` as before)."""
+:class:`Report`. Its own module, below :mod:`demofusion.inspection.checkpoint` and
+:mod:`demofusion.inspection.kinds`, which both build reports (importable from :mod:`demofusion.inspection`)."""
 
 from __future__ import annotations
 
