@@ -31,41 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers (the reference's runtime)
 
-from tests.helpers.reference import build_reference_pipeline, load_reference, run_reference, save_folder  # noqa: E402
-
-
-def tiny_preset_components(seed: int = 0) -> dict:
-    """diffusers/transformers modules in the shapes of our ``tiny`` preset (seeded random weights)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from demofusion.schedulers.config import SDXL_BASE_CONFIG
-    from tests.helpers import seeded_init_
-
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 1),
-        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256,
-        scaling_factor=0.13025,
-    )
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
-                  max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=1)
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", projection_dim=32, **common))
-    mods = dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2)
-    for i, m in enumerate(mods.values()):
-        seeded_init_(m, seed=seed + i)
-        m.eval().requires_grad_(False)
-    mods["scheduler"] = EulerDiscreteScheduler.from_config(SDXL_BASE_CONFIG)
-    return mods
+from tests.helpers.reference import (  # noqa: E402
+    build_reference_pipeline, load_reference, run_reference, save_folder, tiny_components)
 
 
 CLOCK = [time.perf_counter]  # --clock cpu: time.process_time (this process's CPU seconds; robust to other load)
@@ -131,7 +98,7 @@ def main(argv=None):
     import demofusion as df
 
     with tempfile.TemporaryDirectory() as tmp:
-        comps = tiny_preset_components()
+        comps = tiny_components(preset=True)
         save_folder(comps, tmp)
         ref = build_reference_pipeline(load_reference(a.reference), comps, tmp)
         mod = sys.modules["_demofusion_reference_pipeline"]

@@ -123,25 +123,28 @@ def load_reference(path: str | Path, name: str = "_demofusion_reference_pipeline
 
 
 # ---------------------------------------------------------------- tiny components -------------
-def tiny_components(seed: int = 0) -> dict:
-    """Tiny SDXL-like diffusers/transformers components with seeded random weights (fp32, eval)."""
+def tiny_components(seed: int = 0, preset: bool = False) -> dict:
+    """Tiny SDXL-like diffusers/transformers components with seeded random weights (fp32, eval).
+    ``preset=True``: in the shapes of our ``tiny`` preset instead (256-px base; the CPU proxy of
+    benchmarks/versus_reference.py)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    size, layers, depth = (32, 1, (1, 1)) if preset else (SAMPLE_SIZE, 2, (1, 2))
     unet = UNet2DConditionModel(
-        sample_size=SAMPLE_SIZE, in_channels=4, out_channels=4,
+        sample_size=size, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=2, transformer_layers_per_block=(1, 2),
+        block_out_channels=(32, 64), layers_per_block=layers, transformer_layers_per_block=depth,
         attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=2 * TEXT_HIDDEN,
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8, norm_num_groups=32,
+        projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8, norm_num_groups=8 if preset else 32,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
-        sample_size=SAMPLE_SIZE * 8, scaling_factor=0.13025,
+        sample_size=size * 8, scaling_factor=0.13025,
     )
     common = dict(hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=77,
