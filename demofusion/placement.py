@@ -12,7 +12,9 @@
 tensor to the device copies its home copy; sending it home drops the device copy (weights are
 read-only; a dtype change made on the device, such as the VAE's fp16-overflow upcast, is copied
 home first). Parameters are replaced in ``module._parameters`` rather than through ``.data``, which
-also works for fake tensors (the memory tests). On a CPU device the device copy is a clone: the
+also works for fake tensors (the memory tests). A tensor the placement did not put where it is
+(a module built or re-weighted since, e.g. by ``fuse_qkv`` or fp8 conversion) is taken as new:
+its home is where it is now, whatever was recorded for the module's id. On a CPU device the device copy is a clone: the
 policies save nothing there, but their mechanics run (and are tested) on a machine without a GPU.
 Nothing here changes a value: a run's results are the same under every policy, bit for bit.
 """
@@ -20,6 +22,7 @@ Nothing here changes a value: a run's results are the same under every policy, b
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -55,6 +58,8 @@ class Placement:
         self.device = torch.device(device)
         self.components = components
         self._home: dict[tuple[int, str], torch.Tensor] = {}  # (id(module), name) → its home tensor
+        self._copies: dict[tuple[int, str], weakref.ref] = {}  # (id(module), name) → the device copy made
+        self._owners: dict[int, weakref.ref] = {}  # id(module) → the module: its entries go with it
 
     # ---- tensors ---------------------------------------------------------------------------
     def _slots(self, modules):
@@ -70,15 +75,40 @@ class Placement:
             return t.pin_memory()
         return t
 
+    def _home_of(self, m: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        """The home of ``m``'s tensor ``name`` when ``t`` is that home or the device copy made of
+        it; None when ``t`` was not placed here (an entry left by a replaced tensor is dropped)."""
+        key = (id(m), name)
+        home = self._home.get(key)
+        if home is None or t is home:
+            return home
+        copy = self._copies.get(key)
+        if copy is not None and copy() is t:
+            return home
+        self._home.pop(key)
+        self._copies.pop(key, None)
+        return None
+
+    def _record(self, m: nn.Module, name: str, home: torch.Tensor) -> None:
+        self._home[(id(m), name)] = home
+        if id(m) not in self._owners:  # a module gone (e.g. fused away) takes its home copies with it
+            self._owners[id(m)] = weakref.ref(m, lambda _, i=id(m): self._forget(i))
+
+    def _forget(self, owner: int) -> None:
+        self._owners.pop(owner, None)
+        for table in (self._home, self._copies):
+            for key in [k for k in table if k[0] == owner]:
+                del table[key]
+
     def at_home(self, module: nn.Module) -> bool:
         """Every tensor of ``module`` is its home copy (nothing of it on the device)."""
-        return all(self._home.get((id(m), n)) is t for m, _, n, t in self._slots([module]))
+        return all(self._home_of(m, n, t) is t for m, _, n, t in self._slots([module]))
 
     def bring(self, modules, keep_home: bool = True) -> None:
         """Put ``modules`` on the device (copies of their home tensors, non-blocking from pinned memory).
         ``keep_home=False`` (policy "none"): the device copy becomes the only one."""
         for m, table, name, t in self._slots(modules):
-            key, home = (id(m), name), self._home.get((id(m), name))
+            key, home = (id(m), name), self._home_of(m, name, t)
             if home is None:
                 if t.device == self.device and self.device.type != "cpu":
                     continue  # made on the device: already there
@@ -86,24 +116,26 @@ class Placement:
             elif t is not home:
                 continue  # on the device already
             table[name] = _as(table, home.to(self.device, non_blocking=True, copy=True), m)
+            self._copies[key] = weakref.ref(table[name])
             if not keep_home:
                 self._home.pop(key, None)
 
     def send_home(self, modules) -> None:
         """Drop the device copies of ``modules``' tensors (their home copies take their place)."""
         for m, table, name, t in self._slots(modules):
-            home = self._home.get((id(m), name))
+            home = self._home_of(m, name, t)
             if home is t:
                 continue
             if home is None and t.device.type == "cpu":
-                self._home[(id(m), name)] = t  # never moved: it is home
+                self._record(m, name, t)  # never moved: it is home
             elif home is None or home.dtype != t.dtype:  # made on the device, or re-typed there
                 self._set_home(m, table, name, self._pinned(t.to("cpu", copy=True)))
             else:
                 table[name] = home
 
     def _set_home(self, m: nn.Module, table: dict, name: str, t: torch.Tensor) -> torch.Tensor:
-        home = table[name] = self._home[(id(m), name)] = _as(table, t, m)
+        home = table[name] = _as(table, t, m)
+        self._record(m, name, home)
         return home
 
     def move_all(self, device) -> None:
@@ -115,6 +147,7 @@ class Placement:
             for m in modules:
                 m.to(self.device)
         self._home.clear()
+        self._copies.clear()
 
     # ---- stages ------------------------------------------------------------------------------
     def needed(self, stage: str, policy: str, offload_text_encoders: bool = True) -> set[str]:
