@@ -55,7 +55,9 @@ class _FP8Weight:
 
     def dequantised_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in ``dtype`` (what forward computes with): one new tensor, scaled in place by
-        the 0-dim fp32 scale (no promotion; the multiply runs in the kernel's fp32 opmath)."""
+        the 0-dim fp32 scale (no promotion; the multiply runs in the kernel's fp32 opmath). One
+        allocation and two kernels (cast, scale): float8 takes no part in type promotion, so no
+        eager op reads fp8 and scales in one pass; ``torch.compile`` fuses the two into one."""
         w = self.weight.to(dtype, copy=True)
         return w if self.weight_scale is None else w.mul_(self.weight_scale)
 
