@@ -6,7 +6,8 @@
   encoding, the UNet while denoising, the VAE while decoding or encoding; the others wait at home.
 * ``"sequential"``: as ``"model"``, and during a UNet call its weights stream through the device
   in units of at most 1/32 of the UNet (a resnet, an attention's projection, a transformer layer):
-  each unit comes in just before it runs and leaves just after.
+  each unit comes in just before it runs and leaves just after; on CUDA the next unit is copied in
+  on a side stream while the current one computes (demofusion/streaming.py).
 
 *Home* is host memory, pinned on CUDA so copies to the device are ``non_blocking``. Bringing a
 tensor to the device copies its home copy; sending it home drops the device copy (weights are
@@ -27,6 +28,7 @@ import weakref
 import torch
 from torch import nn
 
+from .streaming import Streamer, copy_stream_for
 from .tensors import is_fake, weight_bytes
 
 POLICIES = ("none", "model", "sequential")
@@ -52,11 +54,16 @@ def stream_units(module: nn.Module, limit: int | None = None) -> list[nn.Module]
 class Placement:
     """Moves the components of a pipeline between home and ``device`` as each stage needs.
 
-    ``components``: name → modules (``"text"``: both encoders, ``"unet"``, ``"vae"``)."""
+    ``components``: name → modules (``"text"``: both encoders, ``"unet"``, ``"vae"``).
+    ``copy_stream``: the stream "sequential" copies the next unit on (demofusion/streaming.py);
+    None: chosen by the device (a CUDA side stream; none, so no prefetching, off CUDA)."""
 
-    def __init__(self, device, components: dict[str, list[nn.Module]]):
+    def __init__(self, device, components: dict[str, list[nn.Module]], copy_stream=None):
         self.device = torch.device(device)
         self.components = components
+        self.copy_stream = copy_stream
+        self.streamer: Streamer | None = None  # the last "sequential" stage's (its hits and misses)
+        self._auto_stream = None  # (device, the copy stream chosen for it)
         self._home: dict[tuple[int, str], torch.Tensor] = {}  # (id(module), name) → its home tensor
         self._copies: dict[tuple[int, str], weakref.ref] = {}  # (id(module), name) → the device copy made
         self._owners: dict[int, weakref.ref] = {}  # id(module) → the module: its entries go with it
@@ -104,9 +111,11 @@ class Placement:
         """Every tensor of ``module`` is its home copy (nothing of it on the device)."""
         return all(self._home_of(m, n, t) is t for m, _, n, t in self._slots([module]))
 
-    def bring(self, modules, keep_home: bool = True) -> None:
-        """Put ``modules`` on the device (copies of their home tensors, non-blocking from pinned memory).
-        ``keep_home=False`` (policy "none"): the device copy becomes the only one."""
+    def bring(self, modules, keep_home: bool = True, copy=None) -> list[torch.Tensor]:
+        """Put ``modules`` on the device (copies of their home tensors, non-blocking from pinned memory);
+        returns the copies made. ``keep_home=False`` (policy "none"): the device copy becomes the only
+        one. ``copy(home, device)``: how to copy (default ``home.to(device, non_blocking=True)``)."""
+        made = []
         for m, table, name, t in self._slots(modules):
             key, home = (id(m), name), self._home_of(m, name, t)
             if home is None:
@@ -115,10 +124,13 @@ class Placement:
                 home = t if not keep_home else self._set_home(m, table, name, self._pinned(t))
             elif t is not home:
                 continue  # on the device already
-            table[name] = _as(table, home.to(self.device, non_blocking=True, copy=True), m)
+            new = home.to(self.device, non_blocking=True, copy=True) if copy is None else copy(home, self.device)
+            table[name] = _as(table, new, m)
             self._copies[key] = weakref.ref(table[name])
+            made.append(table[name])
             if not keep_home:
                 self._home.pop(key, None)
+        return made
 
     def send_home(self, modules) -> None:
         """Drop the device copies of ``modules``' tensors (their home copies take their place)."""
@@ -180,14 +192,20 @@ class Placement:
     @contextlib.contextmanager
     def _streaming(self, modules):
         units = [u for m in modules for u in stream_units(m)]
-        hooks = [h for u in units for h in (u.register_forward_pre_hook(lambda u, args: self.bring([u])),
-                                            u.register_forward_hook(lambda u, args, out: self.send_home([u])))]
+        self.streamer = Streamer(self.bring, self.send_home, self._copy_stream())
         try:
-            yield
+            with self.streamer.hooked(units):
+                yield
         finally:
-            for h in hooks:
-                h.remove()
+            self.streamer.drop()
             self.send_home(modules)  # after an error mid-call too
+
+    def _copy_stream(self):
+        if self.copy_stream is not None:
+            return self.copy_stream
+        if self._auto_stream is None or self._auto_stream[0] != self.device:  # one stream per device
+            self._auto_stream = (self.device, copy_stream_for(self.device))
+        return self._auto_stream[1]
 
     def finish(self, policy: str) -> None:
         """After a run: under "model" and "sequential" every component waits at home."""
