@@ -48,7 +48,7 @@ def _copy(sd: dict) -> dict:
 
 
 def test_fused_outputs_equal_unfused_to_gemm_rounding_and_unfuse_is_exact():
-    unet, args = _unet(), None
+    unet = _unet()
     args = _inputs(unet)
     want, before = _out(unet, args), _copy(unet.state_dict())
     attn1 = [m for n, m in unet.named_modules() if n.endswith(".attn1")]
@@ -127,7 +127,7 @@ def test_loras_fuse_into_fused_projections_and_unload_exactly():
 
 
 def test_fp8_projections_stay_apart_and_fp8_conversion_of_fused_is_refused():
-    unet, args = _unet(), None
+    unet = _unet()
     args = _inputs(unet)
     to_fp8_(unet)
     want = _out(unet, args)

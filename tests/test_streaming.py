@@ -59,6 +59,23 @@ def _fake_cpu(module: nn.Module) -> nn.Module:
     return module
 
 
+def _home_pipeline():
+    """SDXL-shaped components (fp16) waiting in fake CPU memory, the work on pretend CUDA."""
+    from demofusion.pipeline import DemoFusionPipeline
+    from demofusion.presets import random_components
+
+    unet, vae, text, sched = random_components("sdxl-base", device="meta", dtype=torch.float16)
+    with fake_mode():
+        for module in (unet, vae, text.text_encoder, text.text_encoder_2):
+            for m in module.modules():
+                for table in (m._parameters, m._buffers):
+                    for n, t in list(table.items()):
+                        if t is not None:
+                            f = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                            table[n] = nn.Parameter(f, requires_grad=False) if table is m._parameters else f
+    return DemoFusionPipeline(unet, vae, text, sched, device="cuda")
+
+
 def _model():
     return _fake_cpu(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 6), nn.Linear(6, 7)))
 
@@ -140,9 +157,7 @@ def test_prefetching_on_the_cpu_gives_the_same_latents_bit_for_bit():
 
 
 def test_a_pretend_cuda_run_streams_with_copies_ahead():
-    from tests.test_memory_plan import home_pipeline
-
-    pipe = home_pipeline("sdxl-base")
+    pipe = _home_pipeline()
     assert isinstance(copy_stream_for(torch.device("cuda")), SameStream)  # no CUDA runtime here
     assert copy_stream_for(torch.device("cpu")) is None
     with fake_mode():
@@ -158,9 +173,7 @@ def test_plans_count_the_unit_coming_on_cuda():
     from demofusion.memory.plan import Model
     from demofusion.placement import stream_units
     from demofusion.tensors import weight_bytes
-    from tests.test_memory_plan import home_pipeline
-
-    pipe = home_pipeline("sdxl-base")
+    pipe = _home_pipeline()
     sizes = sorted((weight_bytes(u) for u in stream_units(pipe.unet)), reverse=True)
     assert Model.of(pipe).unit_bytes == sizes[0] + sizes[1]
     cpu = small_pipeline("sdxl")
