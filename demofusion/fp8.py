@@ -55,7 +55,9 @@ class _FP8Weight:
 
     def dequantised_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in ``dtype`` (what forward computes with): one new tensor, scaled in place by
-        the 0-dim fp32 scale (no promotion; the multiply runs in the kernel's fp32 opmath)."""
+        the 0-dim fp32 scale (no promotion; the multiply runs in the kernel's fp32 opmath). One
+        allocation and two kernels (cast, scale): float8 takes no part in type promotion, so no
+        eager op reads fp8 and scales in one pass; ``torch.compile`` fuses the two into one."""
         w = self.weight.to(dtype, copy=True)
         return w if self.weight_scale is None else w.mul_(self.weight_scale)
 
@@ -101,6 +103,10 @@ def to_fp8_(module: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn, scale: 
         raise ValueError(f"dtype must be one of {FP8_DTYPES}, not {dtype}")
     if scale not in ("tensor", None):
         raise ValueError(f"scale must be 'tensor' or None, not {scale!r}")
+    fused = [n for n, m in module.named_modules() if getattr(m, "fused", False) is True]
+    if fused:  # one fp8 scale for q, k and v together would not be the unfused model's fp8
+        raise ValueError(f"{len(fused)} attentions have fused q/k/v projections (e.g. {fused[0]}): "
+                         "call unfuse_qkv() before to_fp8_ (fp8 projections are never fused)")
     skip = set(skip or ())
     for name, m in list(module.named_modules()):
         cls = _CLASSES.get(type(m))  # exact types only: subclasses may have their own forward

@@ -42,7 +42,7 @@ class _Planned:
     """A target and the parameter it updates."""
 
     target: LoraTarget
-    weight: nn.Parameter
+    weight: torch.Tensor  # a Parameter, or a fused projection's rows of one
 
 
 def fuse_lora(modules: Modules, lora: LoRA | str | os.PathLike, scale: float = 1.0) -> None:
@@ -104,15 +104,22 @@ def _describe(t: LoraTarget) -> str:
     return f"{_key(t)} → {t.component}.{t.module}"
 
 
-def _weight(modules: Modules, component: str, path: str) -> nn.Parameter | None:
-    """The ``weight`` of the Linear or Conv2d at ``path`` in ``modules[component]``, or None."""
+def _weight(modules: Modules, component: str, path: str) -> torch.Tensor | None:
+    """The ``weight`` of the Linear or Conv2d at ``path`` in ``modules[component]``, or None.
+    A projection fused with others (``UNet.fuse_qkv``) gives its rows of the fused weight, a view
+    the in-place update writes through."""
     root = modules.get(component)
     if root is None:
         return None
     try:
         module = root.get_submodule(path)
     except AttributeError:
-        return None
+        parent, _, name = path.rpartition(".")
+        try:
+            rows = getattr(root.get_submodule(parent), "projection_weight", None)
+        except AttributeError:
+            return None
+        return rows(name) if callable(rows) else None
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         return None
     return module.weight

@@ -53,7 +53,7 @@ class Model:
     unet_bytes: int
     vae_bytes: int
     text_bytes: int
-    unit_bytes: int  # the largest unit the UNet streams in (offload "sequential")
+    unit_bytes: int  # offload "sequential": the largest unit, plus the next largest on CUDA (prefetched)
     control_configs: tuple = ()  # the ControlNets' configs (they work, and stream, with the UNet)
     control_bytes: int = 0
     view_layout: object = None  # the pipeline's mechanisms.view_layout (None: the default layout)
@@ -64,10 +64,11 @@ class Model:
         upcasts = vae.dtype == torch.float16 and vae.on_fp16_overflow == "upcast" and vae.config.force_upcast
         vae_bytes = weight_bytes(vae) * (2 if upcasts else 1)
         encoders, nets = (text.text_encoder, text.text_encoder_2), getattr(pipe, "controlnets", [])
+        units = sorted((weight_bytes(u) for m in (pipe.unet, *nets) for u in stream_units(m)), reverse=True)
+        ahead = getattr(getattr(pipe, "device", None), "type", "cuda") == "cuda"  # presets: planned for CUDA
         return cls(pipe.unet.config, pipe.unet.dtype, is_fp8(pipe.unet), vae.config,
                    torch.float32 if upcasts else vae.dtype, tuple(e.config for e in encoders), text.dtype,
-                   weight_bytes(pipe.unet), vae_bytes, weight_bytes(*encoders),
-                   max(weight_bytes(u) for m in (pipe.unet, *nets) for u in stream_units(m)),
+                   weight_bytes(pipe.unet), vae_bytes, weight_bytes(*encoders), sum(units[:2 if ahead else 1]),
                    tuple(n.controlnet_config for n in nets), weight_bytes(*nets) if nets else 0,
                    getattr(getattr(pipe, "mechanisms", None), "view_layout", None))
 

@@ -123,17 +123,17 @@ class DemoFusionPipeline:
         self.scheduler = by_name(name, self.scheduler, timestep_spacing, sigmas)
         return self
 
-    def compile(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None):
+    def compile(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None,
+                fuse_qkv: bool | None = None):
         """``torch.compile`` the UNet in place (the only module on the hot path); returns self.
-
         ``mode="reduce-overhead"`` adds CUDA graphs on a GPU, ``"max-autotune"`` tunes kernels.
         The first call of each new input shape compiles (minutes for SDXL); the views of a phase
         share one shape, so a generation compiles a few times, then runs faster. Results equal
-        eager ones up to float reordering. Weights, ``state_dict`` and ``save_pretrained`` are
-        unchanged. On CUDA the UNet goes to ``channels_last`` first (convolutions on tensor cores
-        without layout transposes; values equal to float rounding); on other devices its layout,
-        and so every bit of eager results, is kept.
-        """
+        eager ones up to float reordering; ``state_dict`` and ``save_pretrained`` are unchanged.
+        On CUDA (or ``fuse_qkv=True``) self-attention's q/k/v are one GEMM (``UNet.fuse_qkv``), and the
+        UNet goes to ``channels_last`` on CUDA (no layout transposes); elsewhere eager's bits are kept."""
+        if self.device.type == "cuda" if fuse_qkv is None else fuse_qkv:
+            self.unet.fuse_qkv()
         if self.device.type == "cuda":
             self.unet.to(memory_format=torch.channels_last)
         self.unet.compile(mode=mode, backend=backend, dynamic=dynamic)

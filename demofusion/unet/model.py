@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tensors import DtypeDevice
-from .attention import CrossContext
+from .attention import Attention, CrossContext
 from .blocks import DownBlock, MidBlock, UpBlock
 from .config import UNetConfig
 from .embeddings import TimestepEmbedding, sinusoidal_embedding
@@ -40,6 +40,17 @@ class UNetEncoder(DtypeDevice, nn.Module):
             x, s = block(x, temb, context)
             skips += s
         return self.mid_block(x, temb, context), skips
+
+    def fuse_qkv(self) -> int:
+        """Fuse every self-attention's q/k/v projections into one Linear (``Attention.fuse_qkv``:
+        one GEMM instead of three, outputs equal up to GEMM rounding, ``state_dict`` keys and
+        values unchanged); fp8-stored projections stay apart. Returns how many are fused."""
+        return sum(m.fuse_qkv() for m in list(self.modules()) if isinstance(m, Attention))
+
+    def unfuse_qkv(self) -> int:
+        """Undo :meth:`fuse_qkv`: the projections again, their weights bit for bit. Returns how
+        many were fused."""
+        return sum(m.unfuse_qkv() for m in list(self.modules()) if isinstance(m, Attention))
 
     def _reference_weight(self) -> torch.Tensor:  # .dtype / .device (conv_in stays out of fp8)
         return self.conv_in.weight

@@ -164,6 +164,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
+        x = x.to(self.up_blocks[0].resnets[0].conv1.weight.dtype)  # after an upcast the head stays fp16
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
@@ -193,7 +194,11 @@ class AutoencoderKL(DtypeDevice, nn.Module):
     Latents are *unscaled*: multiply by ``scaling_factor`` to get what the UNet sees.
     ``on_fp16_overflow``: what a float16 encode/decode producing NaN/inf does — ``"upcast"``
     (default: warn, move the VAE to float32 for good — so it happens once — and redo the call)
-    or ``"raise"`` (:class:`FP16OverflowError`). Outputs are in the VAE's dtype.
+    or ``"raise"`` (:class:`FP16OverflowError`). The upcast is diffusers' recipe for SDXL
+    (``upcast_vae`` with SDPA attention): ``post_quant_conv``, ``decoder.conv_in`` and
+    ``decoder.mid_block`` stay float16 (the latents enter in float16, the mid block's output goes
+    on in float32); if a decode overflows there too, they follow (a second warning and redo).
+    Outputs are in ``dtype``: that of the last layer, float32 after an upcast.
     """
 
     def __init__(self, config: VAEConfig | None = None, on_fp16_overflow: str = "upcast"):
@@ -227,25 +232,31 @@ class AutoencoderKL(DtypeDevice, nn.Module):
         """Pixels per latent (8)."""
         return self.config.scale_factor
 
-    def _reference_weight(self) -> torch.Tensor:  # .dtype / .device
-        return self.decoder.conv_in.weight
+    def _reference_weight(self) -> torch.Tensor:  # .dtype / .device: the output's (see _upcast)
+        return self.decoder.conv_out.weight
+
+    def _decoder_head(self) -> list[nn.Module]:
+        """The layers an upcast keeps in float16 (diffusers' ``upcast_vae`` with SDPA attention)."""
+        return [m for m in (self.post_quant_conv, self.decoder.conv_in, self.decoder.mid_block) if m is not None]
 
     # --- raw passes (no overflow handling) ---------------------------------------------------
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.encoder(x.to(self.dtype))
+        m = self.encoder(x.to(self.encoder.conv_in.weight.dtype))
         return self.quant_conv(m) if self.quant_conv is not None else m
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.to(self.dtype)
+        z = z.to(self._decoder_head()[0].weight.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
     def _guarded(self, fn, x: torch.Tensor, what: str) -> torch.Tensor:
-        """Run ``fn(x)``; on a float16 NaN/inf apply the overflow policy (one host read per call;
-        none for fake tensors, which hold no values: FakeTensorMode, the GPU-readiness test)."""
+        """Run ``fn(x)``; on a float16 NaN/inf apply the overflow policy (one host read per call
+        while a layer of the pass is float16; none for fake tensors, which hold no values:
+        FakeTensorMode, the GPU-readiness test)."""
         out = fn(x)
-        if out.dtype != torch.float16 or is_fake(out) or torch.isfinite(out).all():
+        half = out.dtype == torch.float16 or what == "decode" and self.decoder.conv_in.weight.dtype == torch.float16
+        if not half or is_fake(out) or torch.isfinite(out).all():
             return out
         if self.on_fp16_overflow == "raise":
             raise FP16OverflowError(
@@ -253,15 +264,24 @@ class AutoencoderKL(DtypeDevice, nn.Module):
                 "does this; load it in float32 (dtype=torch.float32), use the fp16-fixed VAE "
                 "(madebyollin/sdxl-vae-fp16-fix), or pass on_fp16_overflow='upcast'."
             )
-        warnings.warn(
-            f"VAE {what} overflowed in float16 (NaN/inf); the VAE was moved to float32 for good and "
-            "the call redone (outputs are now float32). Load the VAE in float32 or use the fp16-fixed "
-            "SDXL VAE to avoid the wasted pass; on_fp16_overflow='raise' makes this an error.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"VAE {what} overflowed in float16 (NaN/inf); {self._upcast()} and the call redone "
+                      "(outputs are now float32). Load the VAE in float32 or use the fp16-fixed SDXL VAE to "
+                      "avoid the wasted pass; on_fp16_overflow='raise' makes this an error.",
+                      RuntimeWarning, stacklevel=3)
+        return self._guarded(fn, x, what)  # once more at most: a second overflow upcasts the head too
+
+    def _upcast(self) -> str:
+        """One step up after an overflow, for good: a float16 VAE to float32 but for the decoder's
+        head (:meth:`_decoder_head`, kept in float16 as diffusers' recipe does); an upcast one's
+        head too. Says what it did."""
+        if self.dtype == torch.float16:
+            head = self._decoder_head()
+            self.float()
+            for m in head:
+                m.to(torch.float16)
+            return "the VAE was moved to float32 for good (post_quant_conv, decoder.conv_in and mid_block stay float16)"
         self.float()
-        return fn(x)
+        return "the decoder's float16 head (post_quant_conv, conv_in, mid_block) was moved to float32 too"
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
