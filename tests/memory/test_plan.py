@@ -212,7 +212,10 @@ def test_whole_sdxl_run_fits_8_gib_on_fake_cuda(sdxl_home, height, width, contro
     for name, peak in measured:  # plus the stated reserve (docs/big-images.md): fragmentation is 10 % of what is not weights
         assert peak + M.reserve(peak - weights[name]) <= budget, (name, peak / 2**30)
     top = max(p for _, p in measured)
-    assert 0.97 * estimate <= top <= 1.03 * estimate  # the plan's model is the measured run
+    # the plan's model is the measured run, to 3 %; streamed weights (offload "sequential") are a
+    # bound — the two largest units, where the activations peak with smaller ones resident
+    streamed = weights["unet"] if plan.offload == "sequential" else 0
+    assert 0.97 * (estimate - streamed) <= top <= 1.03 * estimate
     assert all(pipe.placement.at_home(m) for m in (pipe.unet, pipe.vae, pipe.text.text_encoder))
 
 
