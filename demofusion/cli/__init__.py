@@ -17,7 +17,8 @@ from ..ui import INSTALL_HINT, have_gradio, launch  # the UI's gradio-free front
 from . import ranks, streams
 from .ablate import cmd_ablate, contact_sheet
 from .args import ABLATIONS, add_config_flags, build_parser
-from .common import CLIError, load_pipeline, model_fingerprint
+from ..frontend.errors import CLIError
+from .common import load_pipeline, model_fingerprint
 from .evaluate import cmd_evaluate, register
 from .generate import cmd_generate, cmd_upscale
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..controlnet import ControlNetConfig
 from ..devices import default_dtype, resolve_device
-from ..errors import InputError, first_line, reword
+from ..errors import InputError, first_line
 from ..fp8 import to_fp8_
 from ..lora import check_scale
 from ..memory.fake import fake_controlnet
@@ -23,7 +23,9 @@ from ..schedulers import sampler_key as scheduler_key
 from ..schedulers.names import sampler_options
 from ..tensors import weight_bytes
 from ..weights import WeightsError, parse_dtype, resolve_component
-from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
+from ..frontend.errors import CLIError
+from ..frontend.runs import PLACEMENT_KEYS, RUN_KEYS, as_flag
+from .args import COMPILE_MODES
 
 TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
              "not art. For real images: `demofusion download sdxl-base --dir weights/` then "
@@ -31,10 +33,6 @@ TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pic
 # FLOPs of one SDXL UNet forward at batch 1 by latent window (docs/benchmarks.md)
 SDXL_UNET_FLOPS = {128: 6.76e12, 64: 1.59e12, 32: 4.28e11}
 WORK_WARNING = 2_000  # single-view UNet evaluations above which a CPU run of a real model is called out
-
-
-class CLIError(InputError):
-    """A user-facing error of the command line: printed as one line, exit status 2."""
 
 
 # ---- checks that need no weights --------------------------------------------------------------
@@ -111,18 +109,8 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
         if stop_after is not None:
             check_int("--stop-after-phase", stop_after, 1, s.phases)
     except InputError as e:
-        raise CLIError(_as_flag(str(e))) from None
+        raise CLIError(as_flag(str(e))) from None
     return s
-
-
-# the API's argument names → the command line's words (errors.reword); None: no such flag, so no advice to set it
-FLAGS = {**{k: f"--{k.replace('_', '-')}" for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, "num_inference_steps": "--steps",
-         "guidance_scale": "--guidance", **CONTROL_FLAGS, "force": "--force", "base_size": None}
-
-
-def _as_flag(message: str) -> str:
-    """Name arguments as the command line spells them (num_inference_steps → --steps …)."""
-    return reword(message, FLAGS)
 
 
 def report_work(s, device: str, model: str, layout=None, paper=None, preset: str | None = None) -> None:
@@ -187,7 +175,7 @@ def load_pipeline(params: dict, compile_mode: str | None = None):
             pipe.set_scheduler(params.get("scheduler") or sampler_key(pipe.scheduler), params.get("timestep_spacing"),
                                params.get("sigmas"))
     except InputError as e:  # a ControlNet, VAE or LoRA that does not fit the model
-        raise CLIError(_as_flag(str(e))) from None
+        raise CLIError(as_flag(str(e))) from None
     except (WeightsError, FileNotFoundError) as e:
         msg = first_line(e)
         if "demofusion download" not in msg and "inspect" not in msg:
@@ -267,18 +255,6 @@ def warn_long_prompt(pipe, params: dict) -> None:
                   f"this part was cut off: {tok.decode(ids[keep:])!r}", file=sys.stderr)
 
 
-def oom_message(e: Exception) -> str:
-    return (f"out of memory ({first_line(e)[:120]}). Give the GPU's size as --max-memory (e.g. 8GB; "
-            "--dry-run shows the plan), or --offload model, --fp8, or a smaller --height/--width")
-
-
-def is_oom(e: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-
-
 def peak_memory(device: str) -> str:
     import torch
 
@@ -335,13 +311,10 @@ def budget_message(e: InputError, device: str) -> str:
     """An impossible --max-memory (or another settings error) in the command line's words: its
     flags, and only the ways this run has (no CPU advice on the CPU, no latent-only output)."""
     if not isinstance(e, BudgetError):
-        return _as_flag(str(e))
+        return as_flag(str(e))
     words = {"fp8": "--fp8", "size": "a smaller --height/--width", "cpu": "--device cpu"}
     ways = [words[w] for w in e.ways if w in words and not (w == "cpu" and device == "cpu")]
     return (f"--max-memory {fmt(e.budget)} is too small for this run: it needs at least {fmt(e.need)} "
             f"(--offload {e.policy}, --view-batch-size {e.view_batch}, at phase {e.worst.phase} {e.worst.name}); "
             f"below that: {', '.join(ways[:-1]) + ' or ' if len(ways) > 1 else ''}{ways[-1]}")
 
-
-def defaults() -> dict:
-    return dict(DEFAULTS)

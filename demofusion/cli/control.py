@@ -12,7 +12,8 @@ import hashlib
 from pathlib import Path
 
 from ..images import load_image
-from .common import CLIError, model_fingerprint
+from ..frontend.errors import CLIError
+from .common import model_fingerprint
 
 def canny(path, low: int, high: int):
     """Canny edges of the picture at ``path`` (OpenCV's ``cv2.Canny`` on its grey values) as a

@@ -8,7 +8,8 @@ import hashlib
 import sys
 from pathlib import Path
 
-from .common import CLIError, model_fingerprint, parse_loras
+from ..frontend.errors import CLIError
+from .common import model_fingerprint, parse_loras
 from .control import control_files, control_hashes, net_hashes
 
 # recorded key → (what the file is, the flags that name it: given on the command line, no comparison).

@@ -6,7 +6,8 @@ from __future__ import annotations
 from ..errors import InputError
 from ..run_presets import PAPER, preset_values
 from ..schedulers import parse_sampler
-from .common import CLIError, run_settings
+from ..frontend.errors import CLIError
+from .common import run_settings
 
 
 def normalise_sampler(given: dict) -> dict:

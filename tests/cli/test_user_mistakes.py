@@ -116,7 +116,7 @@ def files(tmp_path_factory):
     (d / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
 
     def png(name, **fields):
-        from demofusion.cli.common import defaults
+        from demofusion.frontend.runs import defaults
 
         info = PngInfo()
         info.add_text("demofusion", __import__("json").dumps({**defaults(), "height": 512, "width": 512,
