@@ -312,7 +312,7 @@ def test_a1111_sampler_name_round_trips_through_the_png_and_replays(tmp_path, ca
     Karras" in the PNG's parameters (read back by the independent A1111 parser), replayed by
     --from-image; --resume refuses another sampler, and a model whose scheduler changed."""
     from demofusion.cli.args import build_parser
-    from demofusion.cli.common import load_pipeline
+    from demofusion.frontend.loading import load_pipeline
     from demofusion.cli.generate import settle_params
     from demofusion.schedulers import a1111_name
     from PIL import Image

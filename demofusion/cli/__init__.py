@@ -18,12 +18,10 @@ from . import ranks, streams
 from .ablate import cmd_ablate, contact_sheet
 from .args import ABLATIONS, add_config_flags, build_parser
 from ..frontend.errors import CLIError
-from .common import load_pipeline, model_fingerprint
 from .evaluate import cmd_evaluate, register
 from .generate import cmd_generate, cmd_upscale
 
-__all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "load_pipeline", "model_fingerprint",
-           "contact_sheet", "META_KEY", "RUN_FILE", "ABLATIONS",
+__all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "contact_sheet", "META_KEY", "RUN_FILE", "ABLATIONS",
            "add_config_flags"]
 
 

@@ -8,12 +8,12 @@ import sys
 from .. import __version__
 from ..config import GUIDANCE_MAX, knobs
 from ..errors import InputError
+from ..frontend.loading import COMPILE_MODES
 from ..placement import POLICIES as OFFLOAD
 from ..run_presets import PRESET_NAMES
 from ..schedulers.names import SAMPLER_NAMES, SIGMAS
 from ..schedulers.schedule import SPACINGS
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def ablations(cls=None) -> dict:

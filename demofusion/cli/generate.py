@@ -17,16 +17,19 @@ from .. import __version__
 from ..config import config_defaults
 from . import ranks
 from ..errors import InputError
+from ..frontend.control import control_hashes
 from ..frontend.errors import CLIError, is_oom, oom_message
+from ..frontend.loading import check_compile, check_device, check_dtype, load_pipeline, parse_loras
 from ..frontend.runs import CONTROL_KEYS, MODEL_KEYS, PLACEMENT_KEYS, RUN_KEYS, defaults, image_size, run_id
+from ..frontend.sampling import normalise_sampler, sampler_name
 from ..images import load_image
 from ..outputs import (RUN_FILE, check_output_folder, json_writer, latents_writer, load_latents, new_run_folder,
                        png_writer, read_png_params)
 from .preflight import check_files, check_replayed, warn_settings
-from .control import control_hashes, control_kwargs, control_maps
-from .common import (base_size_of, budget_message, check_compile, check_device, check_dtype, load_pipeline,
-                     memory_plan, parse_loras, peak_memory, report_work, run_settings, sampler_name, warn_long_prompt)
-from .sampling import normalise_sampler, paper_settings, with_preset
+from .control import control_kwargs, control_maps
+from .common import (base_size_of, budget_message, memory_plan, peak_memory, report_work, run_settings,
+                     warn_long_prompt)
+from .sampling import paper_settings, with_preset
 from .batch import cmd_prompts
 from .folder import RunFolder
 from .hashes import check_replay, check_resume, current_hashes, sha256 as _sha256

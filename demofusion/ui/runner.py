@@ -11,12 +11,12 @@ import threading
 from dataclasses import dataclass, field, make_dataclass
 from types import SimpleNamespace
 
-from ..cli.common import check_device, check_dtype, load_pipeline, model_fingerprint, parse_loras
-from ..cli.control import canny, net_hashes
-from ..cli.sampling import normalise_sampler
 from ..config import knobs
 from ..errors import InputError, first_line
+from ..frontend.control import canny, net_hashes
+from ..frontend.loading import check_device, check_dtype, load_pipeline, model_fingerprint, parse_loras
 from ..frontend.runs import PLACEMENT_KEYS, RUN_KEYS, defaults, image_size
+from ..frontend.sampling import normalise_sampler
 from ..images import load_image
 from ..pipeline.settings import check_int
 from ..schedulers import parse_sampler

@@ -295,7 +295,7 @@ def test_one_phase_limit_answers_at_once(capsys):
 
 
 def test_float16_on_the_cpu_warns(capsys):
-    from demofusion.cli import load_pipeline
+    from demofusion.frontend.loading import load_pipeline
 
     load_pipeline({"model": "tiny", "device": "cpu", "dtype": "float16"})
     err = capsys.readouterr().err
