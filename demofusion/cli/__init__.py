@@ -21,8 +21,8 @@ from ..frontend.errors import CLIError
 from .evaluate import cmd_evaluate, register
 from .generate import cmd_generate, cmd_upscale
 
-__all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "contact_sheet", "META_KEY", "RUN_FILE", "ABLATIONS",
-           "add_config_flags"]
+__all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "contact_sheet", "META_KEY", "RUN_FILE",
+           "ABLATIONS", "add_config_flags"]
 
 
 def cmd_download(args) -> int:
