@@ -4,7 +4,7 @@ Every place that shows or records a knob is generated from these fields, so a kn
 once: the pipeline call's keyword overrides and their checks (``pipeline/settings.py``), the
 command line's flags (``cli/args.py``), the browser UI's controls and labels (``ui/knobs.py``,
 ``ui/app.py``), the ``ablate`` grid and sweeps (``cli/ablate.py``), the run id
-(``cli/generate.py``) and the PNG metadata keys (``outputs.py``). Adding a knob is a field here
+(``frontend/runs.py``) and the PNG metadata keys (``outputs.py``). Adding a knob is a field here
 plus its use in the algorithm (docs/algorithm.md, "Where to change X").
 
 Run-level values (prompt, seed, size, steps, guidance, output paths, memory budget) are not

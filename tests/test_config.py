@@ -15,7 +15,7 @@ import pytest
 
 import demofusion as df
 from demofusion.cli.args import Parser, add_config_flags, build_parser
-from demofusion.cli.generate import run_id
+from demofusion.frontend.runs import run_id
 from demofusion.config import DemoFusionConfig, knob, knobs
 from demofusion.errors import InputError
 from demofusion.outputs import a1111_parameters

@@ -144,8 +144,8 @@ def test_half_strength_runs_half_the_steps_and_equals_the_transcription(pipe, sa
 
 def test_strength_and_steps_per_phase_are_checked_and_counted():
     """One-line errors; the work line, the memory planner's steps and the run id count them."""
-    from demofusion.cli.generate import run_id
-    from demofusion.cli.common import defaults
+    from demofusion.frontend.runs import run_id
+    from demofusion.frontend.runs import defaults
 
     kw = dict(prompt="x", height=2048, width=2048, num_inference_steps=10, guidance_scale=7.5)
     for bad, message in [(dict(upscale_strength=0.0), r"upscale_strength must be in \(0\.0, 1\.0\], got 0\.0"),
@@ -312,7 +312,7 @@ def test_a1111_sampler_name_round_trips_through_the_png_and_replays(tmp_path, ca
     Karras" in the PNG's parameters (read back by the independent A1111 parser), replayed by
     --from-image; --resume refuses another sampler, and a model whose scheduler changed."""
     from demofusion.cli.args import build_parser
-    from demofusion.cli.common import load_pipeline
+    from demofusion.frontend.loading import load_pipeline
     from demofusion.cli.generate import settle_params
     from demofusion.schedulers import a1111_name
     from PIL import Image

@@ -17,13 +17,12 @@ from ..ui import INSTALL_HINT, have_gradio, launch  # the UI's gradio-free front
 from . import ranks, streams
 from .ablate import cmd_ablate, contact_sheet
 from .args import ABLATIONS, add_config_flags, build_parser
-from .common import CLIError, load_pipeline, model_fingerprint
+from ..frontend.errors import CLIError
 from .evaluate import cmd_evaluate, register
 from .generate import cmd_generate, cmd_upscale
 
-__all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "load_pipeline", "model_fingerprint",
-           "contact_sheet", "META_KEY", "RUN_FILE", "ABLATIONS",
-           "add_config_flags"]
+__all__ = ["main", "build_parser", "CLIError", "read_png_params", "save_png", "contact_sheet", "META_KEY", "RUN_FILE",
+           "ABLATIONS", "add_config_flags"]
 
 
 def cmd_download(args) -> int:

@@ -8,14 +8,17 @@ from pathlib import Path
 
 from ..outputs import check_output_folder, new_run_folder, save_png, write_json
 from ..config import knobs
+from ..frontend.errors import CLIError, is_oom, oom_message
+from ..frontend.loading import check_compile, check_device, check_dtype, load_pipeline, model_fingerprint
+from ..frontend.runs import PLACEMENT_KEYS, RUN_KEYS, defaults
+from ..frontend.sampling import normalise_sampler, sampler_name
 from . import ranks
-from .args import ABLATIONS, PLACEMENT_KEYS, RUN_KEYS
+from .args import ABLATIONS
 from .control import control_kwargs, control_maps
 from .preflight import check_files
 from .evaluate import ablate_metrics, check_ablate_metrics
-from .common import (CLIError, base_size_of, check_compile, check_device, check_dtype, defaults, is_oom,
-                     load_pipeline, model_fingerprint, oom_message, run_settings, sampler_name)
-from .sampling import normalise_sampler, with_preset
+from .common import base_size_of, run_settings
+from .sampling import with_preset
 
 # every numeric DemoFusionConfig knob, and the run's steps and guidance
 SWEEPABLE = {k.name: int if k.kind == "int" else float for k in knobs() if k.kind in ("int", "float")} | \

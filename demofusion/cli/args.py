@@ -6,37 +6,14 @@ import argparse
 import sys
 
 from .. import __version__
-from ..config import GUIDANCE_MAX, config_defaults, knob_names, knobs
+from ..config import GUIDANCE_MAX, knobs
 from ..errors import InputError
+from ..frontend.loading import COMPILE_MODES
 from ..placement import POLICIES as OFFLOAD
 from ..run_presets import PRESET_NAMES
 from ..schedulers.names import SAMPLER_NAMES, SIGMAS
 from ..schedulers.schedule import SPACINGS
 
-DEFAULTS = {"prompt": "a photo of a lighthouse at dawn, highly detailed", "negative_prompt": None, "height": 3072,
-            "width": 3072, "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0, "phases": None,
-            "phase_sizes": None, "model": "tiny", "device": "auto", "dtype": "auto", "max_memory": None,
-            "offload": None, "view_ranks": None, "fp8": False, **config_defaults()}
-# ControlNets (cli/control.py): recorded with a run, part of its id (with the maps' hashes)
-CONTROL_DEFAULTS = {"controlnet": None, "control_image": None, "control": None, "control_source": None,
-                    "canny_low": 100, "canny_high": 200, "control_scale": None, "control_start": None,
-                    "control_end": None, "guess_mode": False}
-CONTROL_KEYS = list(CONTROL_DEFAULTS)
-CONTROL_FLAGS = {"control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
-                 "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
-                 "guess_mode": "--guess-mode"}
-DEFAULTS.update(CONTROL_DEFAULTS)
-# what a run brings to the model: sampler, VAE, LoRAs, prompt handling (recorded, part of the run id)
-MODEL_DEFAULTS = {"scheduler": None, "timestep_spacing": None, "vae": None, "lora": None, "truncate_prompts": False,
-                  "sigmas": None, "preset": None}
-MODEL_KEYS = list(MODEL_DEFAULTS)
-DEFAULTS.update(MODEL_DEFAULTS)
-# where a run's weights and batches go: recorded, free to change on resume (like --device)
-PLACEMENT_KEYS = ["max_memory", "offload", "view_ranks"]
-# the arguments of a run that decide its pixels (run.json, PNG metadata, resume checks)
-RUN_KEYS = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
-            *knob_names()]  # every DemoFusionConfig field
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def ablations(cls=None) -> dict:

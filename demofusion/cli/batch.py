@@ -16,12 +16,16 @@ import contextlib
 from pathlib import Path
 
 from ..errors import first_line
+from ..frontend.control import control_hashes, net_hashes
+from ..frontend.errors import CLIError
+from ..frontend.loading import load_pipeline, model_fingerprint, parse_loras
+from ..frontend.runs import PLACEMENT_KEYS, RUN_KEYS
+from ..frontend.sampling import sampler_name
 from ..outputs import check_output_folder, read_png_params, save_png, write_json
 from ..parallel import rank as this_rank
 from . import ranks
-from .args import PLACEMENT_KEYS, RUN_KEYS
-from .control import control_hashes, control_kwargs, control_maps, net_hashes
-from .common import CLIError, base_size_of, load_pipeline, model_fingerprint, parse_loras, run_settings, sampler_name
+from .control import control_kwargs, control_maps
+from .common import base_size_of, run_settings
 from .folder import RunFolder
 from .preflight import check_files
 

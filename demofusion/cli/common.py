@@ -1,79 +1,30 @@
-"""What `generate`, `upscale` and `ablate` share: checks made before any weights are loaded,
-loading, the model fingerprint, and the run's settings through the pipeline's own validation."""
+"""What `generate`, `upscale` and `ablate` share beyond what the UI shares too (frontend/): the
+model's base size, the run's settings through the pipeline's own validation, the work line, the
+memory plan and its --max-memory words, and the run's last lines."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 from ..controlnet import ControlNetConfig
-from ..devices import default_dtype, resolve_device
-from ..errors import InputError, first_line, reword
+from ..errors import InputError
 from ..fp8 import to_fp8_
-from ..lora import check_scale
+from ..frontend.errors import CLIError
+from ..frontend.runs import PLACEMENT_KEYS, RUN_KEYS, as_flag
 from ..memory.fake import fake_controlnet
 from ..memory.plan import BudgetError, Model, fmt, plan_run, preset_model
-from ..pipeline.pipeline import DemoFusionPipeline
 from ..pipeline.settings import check_int, validate
 from ..presets import PRESETS, base_size, tiny_components, tiny_controlnet_config
-from ..schedulers import SDXL_BASE_CONFIG, a1111_name
-from ..schedulers import sampler_key as scheduler_key
+from ..schedulers import SDXL_BASE_CONFIG
 from ..schedulers.names import sampler_options
 from ..tensors import weight_bytes
-from ..weights import WeightsError, parse_dtype, resolve_component
-from .args import COMPILE_MODES, CONTROL_FLAGS, DEFAULTS, PLACEMENT_KEYS, RUN_KEYS
+from ..weights import parse_dtype
 
-TINY_NOTE = ("note: 'tiny' is an UNTRAINED model with random weights — the pictures are structured noise, "
-             "not art. For real images: `demofusion download sdxl-base --dir weights/` then "
-             "`--model weights/sdxl-base` (see weights/README.md).")
 # FLOPs of one SDXL UNet forward at batch 1 by latent window (docs/benchmarks.md)
 SDXL_UNET_FLOPS = {128: 6.76e12, 64: 1.59e12, 32: 4.28e11}
 WORK_WARNING = 2_000  # single-view UNet evaluations above which a CPU run of a real model is called out
-
-
-class CLIError(InputError):
-    """A user-facing error of the command line: printed as one line, exit status 2."""
-
-
-# ---- checks that need no weights --------------------------------------------------------------
-def check_device(device: str, present: bool = True) -> str:
-    """The device a run uses (``auto`` resolved), checked to be present here (unless ``present``
-    is False: a dry run may plan for a device this machine lacks)."""
-    import torch
-
-    try:
-        dev = resolve_device(device)  # parses and names the supported kinds (one place for both API and CLI)
-    except InputError as e:
-        raise CLIError(f"--device {device}: {str(e).split(': ', 1)[-1]}") from None
-    if device == "auto" or not present:
-        return str(dev)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device} was requested but CUDA is not available here; use --device cpu "
-                       "(or install a CUDA build of torch)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {device} was requested but MPS is not available here; use --device cpu")
-    return device
-
-
-def check_dtype(dtype: str, device: str = "cpu") -> str:
-    """The dtype's name (``auto``: float16 on cuda/mps, float32 on cpu), checked."""
-    if dtype == "auto":
-        return str(default_dtype(device)).replace("torch.", "")
-    try:
-        parse_dtype(dtype)
-        return dtype
-    except (ValueError, TypeError):
-        raise CLIError(f"--dtype {dtype}: unknown; use float32, float16 or bfloat16") from None
-
-
-def check_compile(mode: str | None) -> str | None:
-    if mode is not None and mode not in COMPILE_MODES:
-        raise CLIError(f"--compile {mode}: unknown mode; use one of {', '.join(COMPILE_MODES)}")
-    return mode
 
 
 def base_size_of(model: str, planning: bool = False) -> int:
@@ -111,18 +62,8 @@ def run_settings(params: dict, base: int, stop_after: int | None = None, **extra
         if stop_after is not None:
             check_int("--stop-after-phase", stop_after, 1, s.phases)
     except InputError as e:
-        raise CLIError(_as_flag(str(e))) from None
+        raise CLIError(as_flag(str(e))) from None
     return s
-
-
-# the API's argument names → the command line's words (errors.reword); None: no such flag, so no advice to set it
-FLAGS = {**{k: f"--{k.replace('_', '-')}" for k in (*RUN_KEYS, *PLACEMENT_KEYS)}, "num_inference_steps": "--steps",
-         "guidance_scale": "--guidance", **CONTROL_FLAGS, "force": "--force", "base_size": None}
-
-
-def _as_flag(message: str) -> str:
-    """Name arguments as the command line spells them (num_inference_steps → --steps …)."""
-    return reword(message, FLAGS)
 
 
 def report_work(s, device: str, model: str, layout=None, paper=None, preset: str | None = None) -> None:
@@ -160,97 +101,6 @@ def check_sampler(params: dict) -> None:
             raise CLIError(f"--{e}" if str(e).startswith(("scheduler", "sigmas")) else str(e)) from None
 
 
-def cpu_dtype_warning(dtype: str) -> str:
-    """Half precision on the CPU: most CPUs have no fast float16 kernels (runs reported 10–40× slower)."""
-    if dtype == "float16":
-        return ("warning: float16 on the CPU is 10–40× slower than float32 (no fast float16 kernels on most CPUs); "
-                "leave out --dtype (float32 is the CPU default)")
-    return f"note: {dtype} on the CPU is slower than float32 on most CPUs; float32 is the CPU default"
-
-
-# ---- loading ----------------------------------------------------------------------------------
-def load_pipeline(params: dict, compile_mode: str | None = None):
-    """The run's pipeline: ``params``' model, device, dtype, fp8, VAE, LoRAs, ControlNets and sampler."""
-    import torch
-
-    model, device, dtype = params["model"], params["device"], params["dtype"]
-    check_device(device)
-    dt = parse_dtype(check_dtype(dtype, device))
-    check_compile(compile_mode)
-    if dt != torch.float32 and device == "cpu":
-        print(cpu_dtype_warning(check_dtype(dtype, device)), file=sys.stderr)
-    try:
-        pipe = DemoFusionPipeline.from_pretrained(model, device=device, dtype=dt, fp8=bool(params.get("fp8")),
-                                                  controlnet=params.get("controlnet"), vae=params.get("vae"),
-                                                  lora=parse_loras(params.get("lora")))
-        if params.get("scheduler") or params.get("timestep_spacing") or params.get("sigmas"):
-            pipe.set_scheduler(params.get("scheduler") or sampler_key(pipe.scheduler), params.get("timestep_spacing"),
-                               params.get("sigmas"))
-    except InputError as e:  # a ControlNet, VAE or LoRA that does not fit the model
-        raise CLIError(_as_flag(str(e))) from None
-    except (WeightsError, FileNotFoundError) as e:
-        msg = first_line(e)
-        if "demofusion download" not in msg and "inspect" not in msg:
-            msg += f" — check it with `demofusion inspect {model}`"
-        raise CLIError(msg) from None
-    if compile_mode is not None:
-        pipe.compile(mode=None if compile_mode == "default" else compile_mode)
-    if model == "tiny":
-        print(TINY_NOTE)
-    return pipe
-
-
-def model_fingerprint(pipe, model: str, component: str = "unet") -> str:
-    """sha256 (first 16 hex) of the UNet's (``component``'s) weights file (first 64 MiB + size), or
-    of the tiny preset's state; ``pipe``: the pipeline, or the module itself."""
-    path = Path(model)
-    if path.exists():
-        f = Path(resolve_component(path, component, ["diffusion_pytorch_model"])[0]) if path.is_dir() else path
-        h = hashlib.sha256(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(64 << 20))
-        return h.hexdigest()[:16]
-    h = hashlib.sha256()
-    for k, v in getattr(pipe, "unet", pipe).state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def sampler_key(scheduler) -> str:
-    """The scheduler's --scheduler name (ddim, euler, dpm++2m, …)."""
-    return scheduler_key(scheduler)
-
-
-def parse_loras(specs) -> list | None:
-    """``["a.safetensors:0.8", "b.safetensors"]`` → [(path, scale), …] (scale default 1); checked."""
-    if not specs:
-        return None
-    out = []
-    for spec in specs:
-        path, _, scale = str(spec).rpartition(":") if ":" in str(spec) else (spec, "", "1")
-        try:
-            value = float(scale)
-        except ValueError:
-            if Path(path).expanduser().is_file() and not Path(str(spec)).expanduser().is_file():
-                raise CLIError(f"--lora {spec}: the scale {scale!r} is not a number; give FILE:SCALE "
-                               "(e.g. style.safetensors:0.8)") from None
-            path, value = str(spec), 1.0  # a ':' inside the path (Windows drive), no scale
-        if not path or not Path(path).expanduser().is_file():
-            raise CLIError(f"--lora {spec}: no such file; give FILE or FILE:SCALE (e.g. style.safetensors:0.8)")
-        out.append((path, _lora_scale(value, spec)))
-    return out
-
-
-def _lora_scale(value: float, spec) -> float:
-    return check_scale(value, f"--lora {spec}: scale")
-
-
-def sampler_name(scheduler) -> str:
-    """The scheduler as A1111 names samplers ("DPM++ 2M Karras", "Euler a")."""
-    return a1111_name(scheduler)
-
-
 def warn_long_prompt(pipe, params: dict) -> None:
     """With --truncate-prompts: say what CLIP's 77 tokens cut off (otherwise long prompts are chunked)."""
     if not params.get("truncate_prompts"):
@@ -265,18 +115,6 @@ def warn_long_prompt(pipe, params: dict) -> None:
         if len(ids) > keep:
             print(f"warning: {key} has {len(ids) + 2} tokens, more than CLIP's {tok.max_length}; "
                   f"this part was cut off: {tok.decode(ids[keep:])!r}", file=sys.stderr)
-
-
-def oom_message(e: Exception) -> str:
-    return (f"out of memory ({first_line(e)[:120]}). Give the GPU's size as --max-memory (e.g. 8GB; "
-            "--dry-run shows the plan), or --offload model, --fp8, or a smaller --height/--width")
-
-
-def is_oom(e: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def peak_memory(device: str) -> str:
@@ -335,13 +173,10 @@ def budget_message(e: InputError, device: str) -> str:
     """An impossible --max-memory (or another settings error) in the command line's words: its
     flags, and only the ways this run has (no CPU advice on the CPU, no latent-only output)."""
     if not isinstance(e, BudgetError):
-        return _as_flag(str(e))
+        return as_flag(str(e))
     words = {"fp8": "--fp8", "size": "a smaller --height/--width", "cpu": "--device cpu"}
     ways = [words[w] for w in e.ways if w in words and not (w == "cpu" and device == "cpu")]
     return (f"--max-memory {fmt(e.budget)} is too small for this run: it needs at least {fmt(e.need)} "
             f"(--offload {e.policy}, --view-batch-size {e.view_batch}, at phase {e.worst.phase} {e.worst.name}); "
             f"below that: {', '.join(ways[:-1]) + ' or ' if len(ways) > 1 else ''}{ways[-1]}")
 
-
-def defaults() -> dict:
-    return dict(DEFAULTS)

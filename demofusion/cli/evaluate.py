@@ -11,9 +11,9 @@ from pathlib import Path
 from ..evaluate import BACKENDS, DEFAULT_BACKEND, evaluate
 from ..evaluate.inception import _library, check_weights
 from ..evaluate.report import ablation_plot, is_default_cell, markdown_table, result_markdown
+from ..frontend.errors import CLIError
+from ..frontend.runs import DEFAULTS
 from ..outputs import write_json
-from .args import DEFAULTS
-from .common import CLIError
 
 METRICS = ("fid", "kid", "is", "clip")
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ..outputs import RUN_FILE, atomic_replace
-from .common import CLIError
+from ..frontend.errors import CLIError
 
 LOCK_FILE = ".demofusion.lock"
 

@@ -7,7 +7,6 @@ output folder, then load the weights, then run, writing every phase atomically a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -15,19 +14,22 @@ import warnings
 from pathlib import Path
 
 from .. import __version__
-from ..config import config_defaults, knob_names, run_id_items
+from ..config import config_defaults
 from . import ranks
 from ..errors import InputError
+from ..frontend.control import control_hashes
+from ..frontend.errors import CLIError, is_oom, oom_message
+from ..frontend.loading import check_compile, check_device, check_dtype, load_pipeline, parse_loras
+from ..frontend.runs import CONTROL_KEYS, MODEL_KEYS, PLACEMENT_KEYS, RUN_KEYS, defaults, image_size, run_id
+from ..frontend.sampling import normalise_sampler, sampler_name
 from ..images import load_image
 from ..outputs import (RUN_FILE, check_output_folder, json_writer, latents_writer, load_latents, new_run_folder,
                        png_writer, read_png_params)
-from .args import CONTROL_KEYS, MODEL_KEYS, PLACEMENT_KEYS, RUN_KEYS
 from .preflight import check_files, check_replayed, warn_settings
-from .control import control_hashes, control_kwargs, control_maps
-from .common import (CLIError, base_size_of, budget_message, check_compile, check_device, check_dtype,
-                     defaults, is_oom, load_pipeline, memory_plan, oom_message, parse_loras, peak_memory, report_work,
-                     run_settings, sampler_name, warn_long_prompt)
-from .sampling import normalise_sampler, paper_settings, with_preset
+from .control import control_kwargs, control_maps
+from .common import (base_size_of, budget_message, memory_plan, peak_memory, report_work, run_settings,
+                     warn_long_prompt)
+from .sampling import paper_settings, with_preset
 from .batch import cmd_prompts
 from .folder import RunFolder
 from .hashes import check_replay, check_resume, current_hashes, sha256 as _sha256
@@ -42,17 +44,6 @@ class _Stop(Exception):
 
 
 # ---- parameters ---------------------------------------------------------------------------------
-def run_id(params: dict, config_cls=None) -> str:
-    """What makes a run's pixels, hashed: the phase files of a run carry it (resume checks it).
-    The knobs are the fields of ``config_cls`` (default DemoFusionConfig): :func:`run_id_items`."""
-    keys = [*(k for k in RUN_KEYS if k not in knob_names()), "model", "model_hash", "dtype", "image_sha256",
-            *(["fp8"] if params.get("fp8") else []),
-            *([*CONTROL_KEYS, "control_sha256", "controlnet_hash"] if params.get("controlnet") else []),
-            *(k for k in (*MODEL_KEYS, "vae_hash", "lora_hash") if params.get(k))]  # (only when set: older ids stay)
-    values = {k: params.get(k) for k in keys} | run_id_items(params, config_cls)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _given(args) -> dict:
     """The flags on the command line (the sampler in one spelling: sampling.normalise_sampler)."""
     keys = (*RUN_KEYS, *PLACEMENT_KEYS, *CONTROL_KEYS, *MODEL_KEYS, "model", "device", "dtype", "force", "fp8")
@@ -87,20 +78,6 @@ def _resumed_params(args) -> tuple[dict, Path]:
     return params, out
 
 
-def _image_size(image, args, params) -> None:
-    """With an image and no --height/--width: the image's size × --scale (default 2), multiples of 8."""
-    scale = args.scale if args.scale is not None else 2.0
-    if not 0 < scale <= 64:
-        raise CLIError(f"--scale {scale}: must be in (0, 64]; e.g. --scale 2 doubles the picture's size")
-    w, h = image.size
-    if args.height is None and args.width is None:
-        params["height"], params["width"] = round(h * scale / 8) * 8, round(w * scale / 8) * 8
-    elif args.height is None:
-        params["height"] = round(params["width"] * h / w / 8) * 8
-    elif args.width is None:
-        params["width"] = round(params["height"] * w / h / 8) * 8
-
-
 def settle_params(args) -> tuple[dict, Path | None, bool]:
     """(parameters, output folder or None for a new one, resuming?) from the flags."""
     if getattr(args, "ignore_hashes", False) and not args.from_image:
@@ -125,7 +102,7 @@ def settle_params(args) -> tuple[dict, Path | None, bool]:
         image = load_image(params["image"], "--image")
         params["image_sha256"] = _sha256(params["image"])
         if not args.from_image:
-            _image_size(image, args, params)
+            image_size(image, args, params)
     return params, None if args.out is None else Path(args.out), False
 
 

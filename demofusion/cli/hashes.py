@@ -8,8 +8,9 @@ import hashlib
 import sys
 from pathlib import Path
 
-from .common import CLIError, model_fingerprint, parse_loras
-from .control import control_files, control_hashes, net_hashes
+from ..frontend.control import control_files, control_hashes, net_hashes
+from ..frontend.errors import CLIError
+from ..frontend.loading import model_fingerprint, parse_loras
 
 # recorded key → (what the file is, the flags that name it: given on the command line, no comparison).
 # The model last: the `tiny` preset's hash is of its weights as loaded, LoRAs fused, so a changed

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from ..errors import first_line
+from ..frontend.errors import CLIError
+from ..frontend.loading import parse_loras
+from ..frontend.runs import FLAGS
 from ..presets import PRESETS
 from ..weights import WeightsError
 from ..weights.kinds import check_model, expect
 from .args import OFFLOAD, PRESET_NAMES, SAMPLER_NAMES, SIGMAS, SPACINGS
-from .common import FLAGS, CLIError, parse_loras
 
 
 def check_files(params: dict) -> None:

@@ -9,7 +9,7 @@ import warnings
 from datetime import timedelta
 
 from .. import parallel
-from .common import CLIError
+from ..frontend.errors import CLIError
 
 DEFAULT_TIMEOUT_S = 600
 

@@ -1,24 +1,10 @@
-"""The sampler and the presets on the command line: one spelling per sampler, a --preset's values
-for the flags not given, and the paper's run a preset's work is compared with."""
+"""The presets on the command line: a --preset's values for the flags not given, and the paper's
+run a preset's work is compared with (the sampler's one spelling: frontend/sampling.py)."""
 
 from __future__ import annotations
 
-from ..errors import InputError
 from ..run_presets import PAPER, preset_values
-from ..schedulers import parse_sampler
-from .common import CLIError, run_settings
-
-
-def normalise_sampler(given: dict) -> dict:
-    """--scheduler in any spelling ("DPM++ 2M Karras", dpmpp_2m …) → our name, the σ schedule it
-    names → --sigmas, so a run records (and a resume compares) one spelling."""
-    if not given.get("scheduler"):
-        return given
-    try:
-        key, kind = parse_sampler(given["scheduler"], given.get("sigmas"))
-    except InputError as e:
-        raise CLIError(f"--{e}") from None
-    return {**given, "scheduler": key, **({"sigmas": kind} if kind else {})}
+from .common import run_settings
 
 
 def with_preset(given: dict) -> dict:

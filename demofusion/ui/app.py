@@ -21,9 +21,9 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from ..cli.args import DEFAULTS  # noqa: E402
-from ..cli.common import CLIError  # noqa: E402
 from ..errors import InputError, first_line  # noqa: E402
+from ..frontend.errors import CLIError  # noqa: E402
+from ..frontend.runs import DEFAULTS  # noqa: E402
 from . import runner, worker  # noqa: E402
 from ..config import knobs  # noqa: E402
 from .knobs import HELP, LABELS, control_spec, markdown_text, sampler_choices  # noqa: E402

@@ -11,13 +11,12 @@ import threading
 from dataclasses import dataclass, field, make_dataclass
 from types import SimpleNamespace
 
-from ..cli.args import PLACEMENT_KEYS, RUN_KEYS
-from ..cli.common import check_device, check_dtype, defaults, load_pipeline, model_fingerprint, parse_loras
-from ..cli.control import canny, net_hashes
-from ..cli.generate import _image_size
-from ..cli.sampling import normalise_sampler
 from ..config import knobs
 from ..errors import InputError, first_line
+from ..frontend.control import canny, net_hashes
+from ..frontend.loading import check_device, check_dtype, load_pipeline, model_fingerprint, parse_loras
+from ..frontend.runs import PLACEMENT_KEYS, RUN_KEYS, defaults, image_size
+from ..frontend.sampling import normalise_sampler
 from ..images import load_image
 from ..pipeline.settings import check_int
 from ..schedulers import parse_sampler
@@ -189,7 +188,7 @@ def _prepare(model: Model, page: Page) -> Plan:
         explicit = page.mode == "control" or not page.size_from_picture
         size = SimpleNamespace(scale=2.0 if explicit else page.scale, height=page.height if explicit else None,
                                width=page.width if explicit else None)
-        _image_size(image, size, params)
+        image_size(image, size, params)
         plan.inputs["image"] = picture
     kwargs = {k: params[k] for k in (*RUN_KEYS, *PLACEMENT_KEYS)} | {"image": image, "force": False} | control
     kwargs |= _sampler(model, page, params)
@@ -247,7 +246,7 @@ def target_size(picture, scale, size_from_picture: bool, height, width) -> str:
         if not size_from_picture:
             return f"Picture {im.width}×{im.height} px → Width × Height {width}×{height} px."
         p = {"height": None, "width": None}
-        _image_size(im, SimpleNamespace(scale=scale if scale is not None else 2.0, height=None, width=None), p)
+        image_size(im, SimpleNamespace(scale=scale if scale is not None else 2.0, height=None, width=None), p)
         times = scale if scale is not None else 2
         return f"Picture {im.width}×{im.height} px × {times} → {p['width']}×{p['height']} px."
     except InputError as e:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..cli.common import is_oom, oom_message, sampler_name
-from ..cli.control import control_hashes
-from ..cli.generate import run_id
 from ..errors import InputError, NonFiniteError, first_line
+from ..frontend.control import control_hashes
+from ..frontend.errors import is_oom, oom_message
+from ..frontend.runs import run_id
+from ..frontend.sampling import sampler_name
 from ..outputs import RUN_FILE, new_run_folder, save_latents, save_png, write_json
 from ..pipeline.steps import run_scheduler
 from .knobs import in_page_words

@@ -116,7 +116,7 @@ def files(tmp_path_factory):
     (d / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
 
     def png(name, **fields):
-        from demofusion.cli.common import defaults
+        from demofusion.frontend.runs import defaults
 
         info = PngInfo()
         info.add_text("demofusion", __import__("json").dumps({**defaults(), "height": 512, "width": 512,
@@ -295,7 +295,7 @@ def test_one_phase_limit_answers_at_once(capsys):
 
 
 def test_float16_on_the_cpu_warns(capsys):
-    from demofusion.cli import load_pipeline
+    from demofusion.frontend.loading import load_pipeline
 
     load_pipeline({"model": "tiny", "device": "cpu", "dtype": "float16"})
     err = capsys.readouterr().err

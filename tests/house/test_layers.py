@@ -10,6 +10,11 @@ deliberate lazy load that says why.
 * ``import demofusion`` loads none of the optional or reference libraries (gradio, OpenCV,
   matplotlib, torch-fidelity, diffusers, transformers) and not torch either (its attributes are
   lazy), and ``import demofusion.cli`` loads none of the optional or reference libraries.
+* The front ends share one layer below both: no module under ``demofusion/ui`` imports
+  ``demofusion.cli`` (or anything in it), and no module under ``demofusion/frontend`` imports
+  ``demofusion.cli`` or ``demofusion.ui`` — at any level, lazy imports included, relative or
+  absolute (``from .. import cli`` counts). The assertion message lists each as
+  ``path:line: statement``.
 """
 
 from __future__ import annotations
@@ -118,3 +123,74 @@ def test_importing_the_package_loads_no_optional_library_nor_torch():
 
 def test_importing_the_cli_loads_no_optional_library():
     assert _loaded(f"{PACKAGE}.cli") == ["torch"]
+
+
+def imported(module: str, is_package: bool, tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, dotted name) of every module an import statement anywhere in ``tree`` may load, for
+    the module named ``module``: ``from a import b`` gives ``a`` and ``a.b`` (``b`` may be a module)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = module.split(".")[: len(module.split(".")) - (node.level - is_package)]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            out += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return out
+
+
+def _inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def forbidden_imports(module: str, is_package: bool, source: str, packages: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(line, first line of the statement) of each import in ``source`` that reaches into one of ``packages``."""
+    lines = source.splitlines()
+    hits = sorted({n for n, name in imported(module, is_package, ast.parse(source))
+                   if any(_inside(name, p) for p in packages)})
+    return [(n, lines[n - 1].strip()) for n in hits]
+
+
+def test_layer_detector_resolves_relative_and_absolute_imports():
+    source = "\n".join([
+        "from ..cli.common import x",  # 1: relative, into cli
+        "from .. import cli",  # 2: the package itself
+        "from ..client import y",  # 3: only a name that starts alike: not cli
+        "def f():",
+        "    import demofusion.cli.args",  # 5: absolute, lazy
+        "    from demofusion.cli import main  # lazy: x",  # 6
+        "from ..frontend.runs import run_id",  # 7: the shared layer: fine
+        "from . import runner",  # 8: its own package: fine
+    ])
+    assert forbidden_imports("demofusion.ui.runner", False, source, ("demofusion.cli",)) == [
+        (1, "from ..cli.common import x"), (2, "from .. import cli"), (5, "import demofusion.cli.args"),
+        (6, "from demofusion.cli import main  # lazy: x")]
+    # in a package's __init__, one dot is the package itself
+    assert forbidden_imports("demofusion.ui", True, "from ..cli import a\nfrom .cli import b", ("demofusion.cli",)) \
+        == [(1, "from ..cli import a")]
+
+
+def _reaching(folder: str, packages: tuple[str, ...]) -> list[str]:
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert files, f"{folder}/ not found"
+    bad = []
+    for path in files:
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        module = ".".join(parts[:-1] if is_package else parts)
+        bad += [f"{path.relative_to(ROOT.parent)}:{n}: {text}"
+                for n, text in forbidden_imports(module, is_package, path.read_text(encoding="utf-8"), packages)]
+    return bad
+
+
+def test_the_ui_imports_nothing_from_the_cli():
+    bad = _reaching("ui", (f"{PACKAGE}.cli",))
+    assert not bad, "the UI imports the CLI (import what both share from demofusion.frontend):\n" + "\n".join(bad)
+
+
+def test_the_shared_front_end_layer_imports_neither_front_end():
+    bad = _reaching("frontend", (f"{PACKAGE}.cli", f"{PACKAGE}.ui"))
+    assert not bad, "demofusion/frontend imports a front end above it:\n" + "\n".join(bad)
