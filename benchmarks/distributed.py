@@ -29,7 +29,7 @@ from docsection import write_section
 from demofusion.pipeline.work import rank_evaluations, unet_evaluations
 from demofusion.pipeline.settings import validate
 
-TARGETS = {(4096, 8): 6.5, (2048, 4): 3.0}  # issue 23: per-rank work at least this many times less
+TARGETS = {(4096, 8): 6.5, (2048, 4): 3.0}  # the promise: per-rank work at least this many times less than one process
 
 
 def settings(side: int, base: int = 1024, stride: int = 64, vbs: int = 16):
