@@ -100,8 +100,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         comps = tiny_components(preset=True)
         save_folder(comps, tmp)
-        ref = build_reference_pipeline(load_reference(a.reference), comps, tmp)
-        mod = sys.modules["_demofusion_reference_pipeline"]
+        mod = load_reference(a.reference)
+        ref = build_reference_pipeline(mod, comps, tmp)
         ours = df.DemoFusionPipeline.from_pretrained(tmp, device="cpu", dtype=torch.float32)
         g = torch.Generator().manual_seed(1)
         n = a.size // 256

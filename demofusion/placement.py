@@ -15,8 +15,9 @@ read-only; a dtype change made on the device, such as the VAE's fp16-overflow up
 home first). Parameters are replaced in ``module._parameters`` rather than through ``.data``, which
 also works for fake tensors (the memory tests). A tensor the placement did not put where it is
 (a module built or re-weighted since, e.g. by ``fuse_qkv`` or fp8 conversion) is taken as new:
-its home is where it is now, whatever was recorded for the module's id. On a CPU device the device copy is a clone: the
-policies save nothing there, but their mechanics run (and are tested) on a machine without a GPU.
+its home is where it is now, whatever was recorded for the module's id. On a CPU device the
+device copy is a clone: the policies save nothing there, but their mechanics run (and are
+tested) on a machine without a GPU.
 Nothing here changes a value: a run's results are the same under every policy, bit for bit.
 """
 
@@ -112,11 +113,10 @@ class Placement:
         """Every tensor of ``module`` is its home copy (nothing of it on the device)."""
         return all(self._home_of(m, n, t) is t for m, _, n, t in self._slots([module]))
 
-    def bring(self, modules, keep_home: bool = True, copy=None) -> list[torch.Tensor]:
-        """Put ``modules`` on the device (copies of their home tensors, non-blocking from pinned memory);
-        returns the copies made. ``keep_home=False`` (policy "none"): the device copy becomes the only
+    def bring(self, modules, keep_home: bool = True, copy=None) -> None:
+        """Put ``modules`` on the device (copies of their home tensors, non-blocking from pinned memory).
+        ``keep_home=False`` (policy "none"): the device copy becomes the only
         one. ``copy(home, device)``: how to copy (default ``home.to(device, non_blocking=True)``)."""
-        made = []
         for m, table, name, t in self._slots(modules):
             key, home = (id(m), name), self._home_of(m, name, t)
             if home is None:
@@ -128,10 +128,8 @@ class Placement:
             new = home.to(self.device, non_blocking=True, copy=True) if copy is None else copy(home, self.device)
             table[name] = _as(table, new, m)
             self._copies[key] = weakref.ref(table[name])
-            made.append(table[name])
             if not keep_home:
                 self._home.pop(key, None)
-        return made
 
     def send_home(self, modules) -> None:
         """Drop the device copies of ``modules``' tensors (their home copies take their place)."""
